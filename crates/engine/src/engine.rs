@@ -1,0 +1,1019 @@
+//! The engine: the only writer of state. A write is validated, framed as records, appended to
+//! the log (which assigns its `seq`), applied to memory in `seq` order, and acknowledged once
+//! the log reports it durable. Reads take a library's read lock and report the `seq` they are
+//! consistent at.
+//!
+//! Invariants (asserted or enforced here):
+//! - one writer at a time (`write_lock`): validation sees every earlier change, and records are
+//!   applied in exactly the order the log numbered them — the live state equals a replay;
+//! - nothing is applied that is not in the log, and every write's `seq` is returned;
+//! - the write lock is never held across an fsync: writers queue behind one another only for
+//!   validation and apply, while the log's writer thread gives all of them one fsync.
+//!
+//! Reads may see a change up to one group commit before its writer is acknowledged (the
+//! change is in the log's queue). If the log then fails, the process exits rather than serve
+//! state the disk does not have (see [`Engine::wait_durable`]); the event stream only ever
+//! shows durable records.
+
+use crate::error::{EngineError, Result};
+use crate::filter::Filter;
+use crate::input::{self, CreateLibrary, DocumentInput, PatchLibrary, SearchInput};
+use crate::snapshot;
+use crate::state::{self, Catalog, LibraryState, Shard};
+use parking_lot::{Mutex, RwLock};
+use quiver_embed::{Embedder, NoEmbedder, Purpose};
+use quiver_log::{FileLog, FsyncPolicy, LogConfig, Retention, Seq};
+use quiver_model::limits::{CHUNKS_PER_DOCUMENT_LIMIT, LIBRARIES_LIMIT, SEARCH_K_LIMIT};
+use quiver_model::record::Change;
+use quiver_model::validate::{self, Invalid};
+use quiver_model::{time, Document, IndexType, Library, Metric, Record, RecordMeta};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How to open an engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub data_dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    /// How long (or how much) log to keep beyond what the newest snapshot needs, so event
+    /// subscribers can resume from old `seq`s.
+    pub retention: Retention,
+    /// Take a snapshot once this many records were applied since the last one.
+    pub snapshot_every_records: u64,
+    pub segment_size_bytes_limit: u64,
+}
+
+impl EngineConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            fsync: FsyncPolicy::Always,
+            retention: Retention {
+                max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+                max_bytes: None,
+            },
+            snapshot_every_records: 50_000,
+            segment_size_bytes_limit: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Who caused a write: carried into every record it produces (and so into its events).
+#[derive(Clone, Debug, Default)]
+pub struct WriteCtx {
+    pub trace_id: Option<String>,
+    pub source: Option<String>,
+}
+
+/// A write's result and the `seq` of its last record (the state includes it from then on).
+#[derive(Debug)]
+pub struct Committed<T> {
+    pub value: T,
+    pub seq: Seq,
+}
+
+/// A library as reads show it: its description and its size, never its vectors.
+#[derive(Clone, Debug)]
+pub struct LibraryInfo {
+    pub library: Library,
+    pub num_documents: usize,
+    pub num_chunks: usize,
+    pub index_memory_bytes: usize,
+}
+
+impl LibraryInfo {
+    fn of(st: &LibraryState) -> Self {
+        LibraryInfo {
+            library: st.library.clone(),
+            num_documents: st.num_documents(),
+            num_chunks: st.num_chunks,
+            index_memory_bytes: st.index_memory_bytes(),
+        }
+    }
+}
+
+pub struct Hit {
+    pub document: Arc<Document>,
+    pub chunk_index: usize,
+    pub distance: f32,
+}
+
+/// One item of a batch: committed (with its own seq) or refused (with its own error).
+#[derive(Debug)]
+pub enum ItemOutcome {
+    Committed {
+        document_id: String,
+        created: bool,
+        num_chunks: usize,
+        seq: Seq,
+    },
+    Failed(EngineError),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EngineStats {
+    pub applied_seq: Seq,
+    pub durable_seq: Seq,
+    pub first_seq: Seq,
+    pub last_snapshot_seq: Seq,
+    pub log_size_bytes: u64,
+    pub libraries: usize,
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    log: Arc<FileLog>,
+    write_lock: Mutex<WriterState>,
+    catalog: RwLock<Catalog>,
+    applied_seq: AtomicU64,
+    embedder: Arc<dyn Embedder>,
+    snapshot_lock: Mutex<()>,
+    last_snapshot_seq: AtomicU64,
+    stop: AtomicBool,
+    snapshot_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub started_at: Instant,
+}
+
+struct WriterState {
+    /// Timestamps never go backwards along `seq`, whatever the wall clock does.
+    last_timestamp_ms: u64,
+}
+
+impl Engine {
+    /// Opens the data directory: loads the newest valid snapshot, opens the log (truncating a
+    /// torn tail, refusing corruption), replays the records after the snapshot, and starts the
+    /// background snapshotter.
+    pub fn open(config: EngineConfig) -> Result<Arc<Engine>> {
+        Self::open_with(config, Arc::new(NoEmbedder))
+    }
+
+    pub fn open_with(config: EngineConfig, embedder: Arc<dyn Embedder>) -> Result<Arc<Engine>> {
+        let io = |p: &std::path::Path| {
+            let p = p.display().to_string();
+            move |e| EngineError::Io { path: p, source: e }
+        };
+        let snap_dir = config.data_dir.join("snapshots");
+        std::fs::create_dir_all(&snap_dir).map_err(io(&snap_dir))?;
+        let log_dir = config.data_dir.join("log");
+
+        // Newest valid snapshot first; a damaged one is reported and the previous one used.
+        let mut catalog = Catalog::default();
+        let mut snap_seq: Seq = 0;
+        for (seq, path) in snapshot::list(&snap_dir)? {
+            match snapshot::load(&path) {
+                Ok((s, c)) => {
+                    assert_eq!(s, seq, "snapshot file name and header agree");
+                    catalog = c;
+                    snap_seq = s;
+                    break;
+                }
+                Err(e) => tracing::error!("ignoring snapshot: {e}"),
+            }
+        }
+
+        let mut log_config = LogConfig::new(&log_dir);
+        log_config.fsync = config.fsync.clone();
+        log_config.segment_size_bytes_limit = config.segment_size_bytes_limit;
+        let (log, recovery) = FileLog::open(log_config)?;
+        if recovery.truncated_bytes > 0 {
+            tracing::warn!(
+                "log: dropped a torn tail of {} bytes (an unacknowledged write)",
+                recovery.truncated_bytes
+            );
+        }
+        if recovery.last_seq < snap_seq {
+            return Err(EngineError::Corrupt(format!(
+                "the snapshot at seq {snap_seq} is newer than the log, which ends at seq {}; the log in {} is missing records",
+                recovery.last_seq,
+                log_dir.display()
+            )));
+        }
+        if log.first_seq() > snap_seq + 1 {
+            return Err(EngineError::Corrupt(format!(
+                "the log in {} begins at seq {} but the newest usable snapshot covers only up to seq {snap_seq}; records {}..{} are missing",
+                log_dir.display(),
+                log.first_seq(),
+                snap_seq + 1,
+                log.first_seq() - 1
+            )));
+        }
+
+        let catalog = RwLock::new(catalog);
+        let mut next = snap_seq + 1;
+        let mut last_timestamp_ms = 0;
+        loop {
+            let batch = log.read_from(next, 4096, 64 << 20)?;
+            if batch.is_empty() {
+                break;
+            }
+            for (seq, payload) in batch {
+                assert_eq!(seq, next, "the log returns contiguous seqs");
+                let rec = Record::decode(&payload).map_err(|e| {
+                    EngineError::Corrupt(format!("log record {seq} cannot be decoded: {e}"))
+                })?;
+                last_timestamp_ms = last_timestamp_ms.max(rec.meta.timestamp_ms);
+                state::apply(&catalog, rec).map_err(|e| {
+                    EngineError::Corrupt(format!("log record {seq} cannot be applied: {e}"))
+                })?;
+                next += 1;
+            }
+        }
+        let applied = next - 1;
+        assert_eq!(
+            applied,
+            recovery.last_seq.max(snap_seq),
+            "replay reached the end of the log"
+        );
+        tracing::info!(
+            snapshot_seq = snap_seq,
+            replayed = applied - snap_seq,
+            last_seq = applied,
+            "state recovered"
+        );
+
+        let engine = Arc::new(Engine {
+            config,
+            log: Arc::new(log),
+            write_lock: Mutex::new(WriterState { last_timestamp_ms }),
+            catalog,
+            applied_seq: AtomicU64::new(applied),
+            embedder,
+            snapshot_lock: Mutex::new(()),
+            last_snapshot_seq: AtomicU64::new(snap_seq),
+            stop: AtomicBool::new(false),
+            snapshot_thread: Mutex::new(None),
+            started_at: Instant::now(),
+        });
+        let weak = Arc::downgrade(&engine);
+        let handle = std::thread::Builder::new()
+            .name("quiver-snapshot".into())
+            .spawn(move || snapshot_loop(weak))
+            .map_err(|e| EngineError::Io {
+                path: "snapshot thread".into(),
+                source: e,
+            })?;
+        *engine.snapshot_thread.lock() = Some(handle);
+        Ok(engine)
+    }
+
+    pub fn log(&self) -> &Arc<FileLog> {
+        &self.log
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The highest `seq` applied to the state that reads see.
+    pub fn applied_seq(&self) -> Seq {
+        self.applied_seq.load(Ordering::Acquire)
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            applied_seq: self.applied_seq(),
+            durable_seq: self.log.durable_seq(),
+            first_seq: self.log.first_seq(),
+            last_snapshot_seq: self.last_snapshot_seq.load(Ordering::Acquire),
+            log_size_bytes: self.log.size_bytes(),
+            libraries: self.catalog.read().len(),
+        }
+    }
+
+    /// Waits until `seq` is durable under the fsync policy. If the log has failed, the state in
+    /// memory holds changes the disk may not: the process exits (as PostgreSQL does on an fsync
+    /// failure) and a restart recovers from the log.
+    pub async fn wait_durable(&self, seq: Seq) -> Result<()> {
+        if self.log.durable_seq() >= seq {
+            return Ok(());
+        }
+        let mut rx = self.log.watch_durable();
+        let ok = rx.wait_for(|d| *d >= seq).await.is_ok();
+        if !ok || self.log.durable_seq() < seq {
+            let e = self.log.wait_durable(seq).err();
+            tracing::error!("the log failed while seq {seq} was in flight ({e:?}); exiting so a restart recovers from disk");
+            std::process::exit(70);
+        }
+        Ok(())
+    }
+
+    fn shard(&self, id_or_name: &str) -> Result<Arc<Shard>> {
+        self.catalog
+            .read()
+            .resolve(id_or_name)
+            .cloned()
+            .ok_or_else(|| EngineError::not_found("library", id_or_name))
+    }
+
+    /// Validates and applies one write. `build` sees the current state and returns the
+    /// changes to append plus a value; `after` runs after they are applied, still under the
+    /// write lock, to read back what they made.
+    fn commit<T, U>(
+        &self,
+        ctx: &WriteCtx,
+        build: impl FnOnce(&Catalog, u64) -> Result<(Vec<Change>, T)>,
+        after: impl FnOnce(&Catalog, T, Seq) -> U,
+    ) -> Result<Committed<U>> {
+        let mut w = self.write_lock.lock();
+        let timestamp_ms = time::now_ms().max(w.last_timestamp_ms);
+        let (changes, value) = {
+            let cat = self.catalog.read();
+            build(&cat, timestamp_ms)?
+        };
+        let meta = RecordMeta {
+            timestamp_ms,
+            trace_id: ctx.trace_id.clone(),
+            source: ctx.source.clone(),
+        };
+        if changes.is_empty() {
+            let seq = self.applied_seq();
+            let cat = self.catalog.read();
+            return Ok(Committed {
+                value: after(&cat, value, seq),
+                seq,
+            });
+        }
+        let records: Vec<Record> = changes
+            .into_iter()
+            .map(|c| Record::new(meta.clone(), c))
+            .collect();
+        let payloads: Vec<Vec<u8>> = records.iter().map(Record::encode).collect();
+        let n = records.len() as u64;
+        let first = self.log.append(payloads)?;
+        assert_eq!(
+            first,
+            self.applied_seq() + 1,
+            "the log numbers records right after what was applied"
+        );
+        for (i, rec) in records.into_iter().enumerate() {
+            if let Err(e) = state::apply(&self.catalog, rec) {
+                // Validation let through a record that cannot apply: memory and log now disagree.
+                tracing::error!(
+                    "BUG: record {} was validated but cannot be applied: {e}; exiting",
+                    first + i as u64
+                );
+                std::process::exit(70);
+            }
+            self.applied_seq.store(first + i as u64, Ordering::Release);
+        }
+        w.last_timestamp_ms = timestamp_ms;
+        let last = first + n - 1;
+        let cat = self.catalog.read();
+        Ok(Committed {
+            value: after(&cat, value, first),
+            seq: last,
+        })
+    }
+
+    // ---------------------------------------------------------------- libraries
+
+    pub fn create_library(
+        &self,
+        ctx: &WriteCtx,
+        req: CreateLibrary,
+    ) -> Result<Committed<LibraryInfo>> {
+        validate::name(&req.name)?;
+        validate::description(&req.description)?;
+        let metadata = req.metadata.unwrap_or_default();
+        validate::metadata("library", &metadata)?;
+        let metric = match &req.metric {
+            None => Metric::Cosine,
+            Some(m) => Metric::parse(m).ok_or_else(|| {
+                EngineError::invalid(
+                    "invalid_metric",
+                    format!("unknown metric {m:?}; use cosine, dot or l2"),
+                )
+            })?,
+        };
+        let index_type = parse_index_type(req.index_type.as_deref())?;
+        let model_dimension = req
+            .embedding_model
+            .as_deref()
+            .and_then(|m| self.embedder.dimension(m));
+        let dimension = match (req.dimension, model_dimension) {
+            (Some(d), Some(md)) if d != md as u64 => return Err(EngineError::invalid(
+                "dimension_mismatch",
+                format!(
+                    "embedding model produces {md}-dimensional vectors but dimension {d} was given"
+                ),
+            )),
+            (Some(d), _) => validate::dimension(d)?,
+            (None, Some(md)) => md,
+            (None, None) => return Err(EngineError::invalid(
+                "dimension_required",
+                match &req.embedding_model {
+                    Some(m) => format!(
+                        "embedding model {m:?} is not available here, so `dimension` is required"
+                    ),
+                    None => {
+                        "`dimension` is required: no embedding model is available on this server"
+                            .to_string()
+                    }
+                },
+            )),
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        self.commit(
+            ctx,
+            |cat, now| {
+                if cat.id_for_name(&req.name).is_some() {
+                    return Err(EngineError::Conflict {
+                        code: "library_exists",
+                        detail: format!("a library named {:?} already exists", req.name),
+                    });
+                }
+                if cat.len() >= LIBRARIES_LIMIT {
+                    return Err(EngineError::Invalid(Invalid::too_large(
+                        "too_many_libraries",
+                        format!("this server holds its limit of {LIBRARIES_LIMIT} libraries"),
+                    )));
+                }
+                let lib = Library {
+                    id: id.clone(),
+                    name: req.name,
+                    description: req.description,
+                    dimension,
+                    metric,
+                    index_type,
+                    embedding_model: req.embedding_model,
+                    created_at_ms: now,
+                    updated_at_ms: now,
+                    metadata,
+                };
+                Ok((vec![Change::LibraryCreated(lib)], ()))
+            },
+            |cat, (), _| info_of(cat, &id),
+        )
+        .and_then(|c| {
+            Ok(Committed {
+                value: c.value?,
+                seq: c.seq,
+            })
+        })
+    }
+
+    pub fn update_library(
+        &self,
+        ctx: &WriteCtx,
+        id: &str,
+        req: PatchLibrary,
+    ) -> Result<Committed<LibraryInfo>> {
+        if let Some(n) = &req.name {
+            validate::name(n)?;
+        }
+        if let Some(d) = &req.description {
+            validate::description(d)?;
+        }
+        if let Some(m) = &req.metadata {
+            validate::metadata("library", m)?;
+        }
+        let lib_id = self.shard(id)?.state.read().library.id.clone();
+        self.commit(
+            ctx,
+            |cat, now| {
+                let shard = cat
+                    .shard(&lib_id)
+                    .ok_or_else(|| EngineError::not_found("library", id))?;
+                let mut lib = shard.state.read().library.clone();
+                let immutable = |field: &str| {
+                    EngineError::invalid(
+                        "immutable_field",
+                        format!("`{field}` cannot change after a library is created"),
+                    )
+                };
+                if req.dimension.is_some_and(|d| d != lib.dimension as u64) {
+                    return Err(immutable("dimension"));
+                }
+                if req
+                    .metric
+                    .as_deref()
+                    .is_some_and(|m| Metric::parse(m) != Some(lib.metric))
+                {
+                    return Err(immutable("metric"));
+                }
+                if req.embedding_model.is_some() && req.embedding_model != lib.embedding_model {
+                    return Err(immutable("embedding_model"));
+                }
+                if let Some(t) = &req.index_type {
+                    if parse_index_type(Some(t))? != lib.index_type {
+                        return Err(immutable("index_type"));
+                    }
+                }
+                if let Some(n) = req.name {
+                    if n != lib.name && cat.id_for_name(&n).is_some() {
+                        return Err(EngineError::Conflict {
+                            code: "library_exists",
+                            detail: format!("a library named {n:?} already exists"),
+                        });
+                    }
+                    lib.name = n;
+                }
+                if let Some(d) = req.description {
+                    lib.description = d;
+                }
+                if let Some(m) = req.metadata {
+                    lib.metadata = m;
+                }
+                lib.updated_at_ms = now;
+                Ok((vec![Change::LibraryUpdated(lib)], ()))
+            },
+            |cat, (), _| info_of(cat, &lib_id),
+        )
+        .and_then(|c| {
+            Ok(Committed {
+                value: c.value?,
+                seq: c.seq,
+            })
+        })
+    }
+
+    pub fn delete_library(&self, ctx: &WriteCtx, id: &str) -> Result<Committed<()>> {
+        let lib = self.shard(id)?.state.read().library.clone();
+        self.commit(
+            ctx,
+            |cat, _| {
+                if cat.shard(&lib.id).is_none() {
+                    return Err(EngineError::not_found("library", id));
+                }
+                Ok((
+                    vec![Change::LibraryDeleted {
+                        library_id: lib.id.clone(),
+                        name: lib.name.clone(),
+                    }],
+                    (),
+                ))
+            },
+            |_, (), _| (),
+        )
+    }
+
+    pub fn list_libraries(&self) -> (Vec<LibraryInfo>, Seq) {
+        let cat = self.catalog.read();
+        let mut out: Vec<LibraryInfo> = cat
+            .shards()
+            .map(|s| LibraryInfo::of(&s.state.read()))
+            .collect();
+        let seq = self.applied_seq();
+        out.sort_by(|a, b| {
+            a.library
+                .created_at_ms
+                .cmp(&b.library.created_at_ms)
+                .then(a.library.name.cmp(&b.library.name))
+        });
+        (out, seq)
+    }
+
+    pub fn library(&self, id: &str) -> Result<(LibraryInfo, Seq)> {
+        let shard = self.shard(id)?;
+        let st = shard.state.read();
+        Ok((LibraryInfo::of(&st), self.applied_seq()))
+    }
+
+    // ---------------------------------------------------------------- documents
+
+    /// Resolves a library and returns its description, for validating input outside the lock.
+    fn library_for_write(&self, id: &str) -> Result<Library> {
+        Ok(self.shard(id)?.state.read().library.clone())
+    }
+
+    /// Adds a document, or replaces the one with the same id atomically.
+    pub fn upsert_document(
+        &self,
+        ctx: &WriteCtx,
+        library: &str,
+        doc: DocumentInput,
+    ) -> Result<Committed<(Arc<Document>, bool)>> {
+        let lib = self.library_for_write(library)?;
+        let doc = input::prepare_document(&lib, doc, self.embedder.as_ref())?;
+        let doc_id = doc.id.clone();
+        self.commit(
+            ctx,
+            |cat, now| {
+                let shard = cat
+                    .shard(&lib.id)
+                    .ok_or_else(|| EngineError::not_found("library", library))?;
+                let change = stamp(&shard.state.read(), doc, now, &mut Default::default());
+                let created = matches!(
+                    change,
+                    Change::DocumentUpserted {
+                        replaced: false,
+                        ..
+                    }
+                );
+                Ok((vec![change], created))
+            },
+            |cat, created, _| {
+                let doc = cat
+                    .shard(&lib.id)
+                    .and_then(|s| s.state.read().document(&doc_id).cloned());
+                (doc.expect("the document was just applied"), created)
+            },
+        )
+    }
+
+    /// Upserts many documents in one group: each item is validated on its own, bad items get
+    /// their own error, good items commit together (one append, one fsync).
+    pub fn upsert_documents(
+        &self,
+        ctx: &WriteCtx,
+        library: &str,
+        items: Vec<std::result::Result<DocumentInput, EngineError>>,
+    ) -> Result<Committed<Vec<ItemOutcome>>> {
+        let lib = self.library_for_write(library)?;
+        let prepared: Vec<Result<Document>> = items
+            .into_iter()
+            .map(|i| i.and_then(|d| input::prepare_document(&lib, d, self.embedder.as_ref())))
+            .collect();
+        self.commit(
+            ctx,
+            |cat, now| {
+                let shard = cat
+                    .shard(&lib.id)
+                    .ok_or_else(|| EngineError::not_found("library", library))?;
+                let st = shard.state.read();
+                let mut in_batch = std::collections::HashMap::new();
+                let mut changes = Vec::new();
+                let mut plan = Vec::with_capacity(prepared.len());
+                for p in prepared {
+                    match p {
+                        Ok(doc) => {
+                            let (id, n) = (doc.id.clone(), doc.chunks.len());
+                            let change = stamp(&st, doc, now, &mut in_batch);
+                            let created = matches!(
+                                change,
+                                Change::DocumentUpserted {
+                                    replaced: false,
+                                    ..
+                                }
+                            );
+                            plan.push(Ok((id, created, n, changes.len() as u64)));
+                            changes.push(change);
+                        }
+                        Err(e) => plan.push(Err(e)),
+                    }
+                }
+                Ok((changes, plan))
+            },
+            |_, plan, first| {
+                plan.into_iter()
+                    .map(|p| match p {
+                        Ok((document_id, created, num_chunks, i)) => ItemOutcome::Committed {
+                            document_id,
+                            created,
+                            num_chunks,
+                            seq: first + i,
+                        },
+                        Err(e) => ItemOutcome::Failed(e),
+                    })
+                    .collect()
+            },
+        )
+    }
+
+    pub fn delete_document(
+        &self,
+        ctx: &WriteCtx,
+        library: &str,
+        doc_id: &str,
+    ) -> Result<Committed<()>> {
+        let lib_id = self.library_for_write(library)?.id;
+        self.commit(
+            ctx,
+            |cat, _| {
+                let shard = cat
+                    .shard(&lib_id)
+                    .ok_or_else(|| EngineError::not_found("library", library))?;
+                if shard.state.read().document(doc_id).is_none() {
+                    return Err(EngineError::not_found("document", doc_id));
+                }
+                Ok((
+                    vec![Change::DocumentDeleted {
+                        library_id: lib_id.clone(),
+                        document_id: doc_id.to_string(),
+                    }],
+                    (),
+                ))
+            },
+            |_, (), _| (),
+        )
+    }
+
+    pub fn document(&self, library: &str, doc_id: &str) -> Result<(Arc<Document>, Seq)> {
+        let shard = self.shard(library)?;
+        let st = shard.state.read();
+        let doc = st
+            .document(doc_id)
+            .cloned()
+            .ok_or_else(|| EngineError::not_found("document", doc_id))?;
+        Ok((doc, self.applied_seq()))
+    }
+
+    /// A page of documents in id order after `after`; also the library's document count.
+    pub fn documents(
+        &self,
+        library: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Arc<Document>>, usize, Seq)> {
+        let shard = self.shard(library)?;
+        let st = shard.state.read();
+        Ok((
+            st.documents_after(after, limit),
+            st.num_documents(),
+            self.applied_seq(),
+        ))
+    }
+
+    pub fn add_chunks(
+        &self,
+        ctx: &WriteCtx,
+        library: &str,
+        doc_id: &str,
+        chunks: Vec<input::ChunkInput>,
+    ) -> Result<Committed<Arc<Document>>> {
+        let lib = self.library_for_write(library)?;
+        if chunks.is_empty() {
+            return Err(EngineError::invalid("no_chunks", "send at least one chunk"));
+        }
+        let chunks = input::prepare_chunks(&lib, doc_id, chunks, self.embedder.as_ref())?;
+        self.commit(
+            ctx,
+            |cat, _| {
+                let shard = cat.shard(&lib.id).ok_or_else(|| EngineError::not_found("library", library))?;
+                let st = shard.state.read();
+                let doc = st.document(doc_id).ok_or_else(|| EngineError::not_found("document", doc_id))?;
+                if doc.chunks.len() + chunks.len() > CHUNKS_PER_DOCUMENT_LIMIT {
+                    return Err(EngineError::Invalid(Invalid::too_large(
+                        "too_many_chunks",
+                        format!(
+                            "the document would have {} chunks; the limit is {CHUNKS_PER_DOCUMENT_LIMIT}",
+                            doc.chunks.len() + chunks.len()
+                        ),
+                    )));
+                }
+                if let Some(c) = chunks.iter().find(|c| doc.chunks.iter().any(|o| o.id == c.id)) {
+                    return Err(EngineError::Conflict {
+                        code: "chunk_exists",
+                        detail: format!("chunk {:?} already exists in document {doc_id:?}", c.id),
+                    });
+                }
+                Ok((
+                    vec![Change::ChunksAdded { library_id: lib.id.clone(), document_id: doc_id.to_string(), chunks }],
+                    (),
+                ))
+            },
+            |cat, (), _| {
+                let doc = cat.shard(&lib.id).and_then(|s| s.state.read().document(doc_id).cloned());
+                doc.expect("the document was just applied")
+            },
+        )
+    }
+
+    pub fn delete_chunk(
+        &self,
+        ctx: &WriteCtx,
+        library: &str,
+        doc_id: &str,
+        chunk_id: &str,
+    ) -> Result<Committed<()>> {
+        let lib_id = self.library_for_write(library)?.id;
+        self.commit(
+            ctx,
+            |cat, _| {
+                let shard = cat
+                    .shard(&lib_id)
+                    .ok_or_else(|| EngineError::not_found("library", library))?;
+                let st = shard.state.read();
+                let doc = st
+                    .document(doc_id)
+                    .ok_or_else(|| EngineError::not_found("document", doc_id))?;
+                if !doc.chunks.iter().any(|c| c.id == chunk_id) {
+                    return Err(EngineError::not_found("chunk", chunk_id));
+                }
+                Ok((
+                    vec![Change::ChunkDeleted {
+                        library_id: lib_id.clone(),
+                        document_id: doc_id.to_string(),
+                        chunk_id: chunk_id.to_string(),
+                    }],
+                    (),
+                ))
+            },
+            |_, (), _| (),
+        )
+    }
+
+    // ---------------------------------------------------------------- search
+
+    /// Exact k-nearest-neighbour search with an optional metadata filter applied during the
+    /// scan. Returns hits in ascending distance and the `seq` the results are consistent at.
+    pub fn search(&self, library: &str, req: &SearchInput) -> Result<(Vec<Hit>, Seq)> {
+        self.search_limited(library, req, SEARCH_K_LIMIT)
+    }
+
+    /// As [`Engine::search`] with a caller-chosen bound on `k` (streaming search allows more).
+    pub fn search_limited(
+        &self,
+        library: &str,
+        req: &SearchInput,
+        k_limit: usize,
+    ) -> Result<(Vec<Hit>, Seq)> {
+        if req.k == 0 || req.k > k_limit {
+            return Err(EngineError::invalid(
+                "invalid_k",
+                format!("k must be between 1 and {k_limit}, got {}", req.k),
+            ));
+        }
+        if let Some(t) = req.distance_threshold {
+            if !t.is_finite() {
+                return Err(EngineError::invalid(
+                    "invalid_threshold",
+                    "distance_threshold must be a finite number",
+                ));
+            }
+        }
+        let filter = Filter::parse(&req.filter)?;
+        let shard = self.shard(library)?;
+        let lib = shard.state.read().library.clone();
+        let vector = match input::pick_vector(req.embedding.clone(), req.embedding_b64.as_deref())?
+        {
+            Some(v) => v,
+            None => match &req.query {
+                Some(q) if !q.trim().is_empty() => {
+                    let mut v = self
+                        .embedder
+                        .embed(
+                            lib.embedding_model.as_deref(),
+                            std::slice::from_ref(q),
+                            Purpose::Query,
+                        )
+                        .map_err(|e| {
+                            EngineError::invalid("embedding_unavailable", e.to_string())
+                        })?;
+                    v.pop().ok_or_else(|| EngineError::Unavailable {
+                        code: "embedding_failed",
+                        detail: "the embedding provider returned no vector".into(),
+                    })?
+                }
+                _ => {
+                    return Err(EngineError::invalid(
+                        "missing_query",
+                        "send `embedding` (or `embedding_b64`) or a text `query`",
+                    ))
+                }
+            },
+        };
+        let vector = validate::vector(vector, lib.dimension, lib.metric)?;
+        let st = shard.state.read();
+        let seq = self.applied_seq();
+        let raw = match &filter {
+            None => st
+                .index
+                .search(&vector, req.k, req.distance_threshold, None),
+            Some(f) => {
+                let pred = |key: u64| {
+                    st.locs
+                        .get(&key)
+                        .is_some_and(|loc| f.matches(&loc.doc, &loc.doc.chunks[loc.idx as usize]))
+                };
+                st.index
+                    .search(&vector, req.k, req.distance_threshold, Some(&pred))
+            }
+        };
+        let hits = raw
+            .into_iter()
+            .filter_map(|(key, distance)| {
+                st.locs.get(&key).map(|loc| Hit {
+                    document: loc.doc.clone(),
+                    chunk_index: loc.idx as usize,
+                    distance,
+                })
+            })
+            .collect();
+        Ok((hits, seq))
+    }
+
+    // ---------------------------------------------------------------- snapshots
+
+    /// Writes a snapshot of the current state (if anything changed since the last one), then
+    /// deletes older snapshots and the log segments no snapshot or retention needs.
+    pub fn snapshot(&self) -> Result<Option<Seq>> {
+        let _one_at_a_time = self.snapshot_lock.lock();
+        let (seq, libraries) = {
+            // Hold the write lock only while collecting pointers: no writer is between
+            // append and apply, so the state is exactly the fold of the log up to `seq`.
+            let _w = self.write_lock.lock();
+            let seq = self.applied_seq();
+            if seq == self.last_snapshot_seq.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            let cat = self.catalog.read();
+            let mut libs: Vec<(Library, Vec<Arc<Document>>)> = cat
+                .shards()
+                .map(|s| {
+                    let st = s.state.read();
+                    (st.library.clone(), st.all_documents())
+                })
+                .collect();
+            libs.sort_by_key(|(l, _)| l.created_at_ms);
+            (seq, libs)
+        };
+        // Never snapshot a change the log could still lose.
+        self.log.wait_durable(seq)?;
+        let dir = self.config.data_dir.join("snapshots");
+        let t = Instant::now();
+        let path = snapshot::write(&dir, seq, &libraries)?;
+        self.last_snapshot_seq.store(seq, Ordering::Release);
+        tracing::info!(seq, path = %path.display(), elapsed_ms = t.elapsed().as_millis() as u64, "snapshot written");
+        // Keep this snapshot and the one before it (a fallback should this one be damaged).
+        let all = snapshot::list(&dir)?;
+        for (_, old) in all.iter().skip(2) {
+            if let Err(e) = std::fs::remove_file(old) {
+                tracing::warn!("could not delete old snapshot {}: {e}", old.display());
+            }
+        }
+        let oldest_kept = all.iter().take(2).map(|(s, _)| *s).min().unwrap_or(seq);
+        let deleted = self
+            .log
+            .truncate_before(oldest_kept + 1, &self.config.retention)?;
+        if deleted > 0 {
+            tracing::info!(
+                deleted,
+                first_seq = self.log.first_seq(),
+                "log segments deleted"
+            );
+        }
+        Ok(Some(seq))
+    }
+
+    /// Stops the snapshotter, writes a final snapshot and closes the log.
+    pub fn close(&self) -> Result<()> {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.snapshot_thread.lock().take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+        self.snapshot()?;
+        self.log.close()?;
+        Ok(())
+    }
+}
+
+fn snapshot_loop(engine: std::sync::Weak<Engine>) {
+    loop {
+        std::thread::park_timeout(Duration::from_millis(500));
+        let Some(e) = engine.upgrade() else { return };
+        if e.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let behind = e
+            .applied_seq()
+            .saturating_sub(e.last_snapshot_seq.load(Ordering::Acquire));
+        if behind >= e.config.snapshot_every_records {
+            if let Err(err) = e.snapshot() {
+                tracing::error!("snapshot failed: {err}");
+            }
+        }
+    }
+}
+
+fn parse_index_type(s: Option<&str>) -> Result<IndexType> {
+    match s {
+        None => Ok(IndexType::Flat),
+        Some(t) => IndexType::parse(t).ok_or_else(|| {
+            EngineError::invalid(
+                "invalid_index_type",
+                format!("unknown index_type {t:?}; this server offers \"flat\""),
+            )
+        }),
+    }
+}
+
+fn info_of(cat: &Catalog, id: &str) -> Result<LibraryInfo> {
+    cat.shard(id)
+        .map(|s| LibraryInfo::of(&s.state.read()))
+        .ok_or_else(|| EngineError::not_found("library", id))
+}
+
+/// Sets a prepared document's timestamps against what exists (in the state or earlier in the
+/// same batch) and makes its change record.
+fn stamp(
+    st: &LibraryState,
+    mut doc: Document,
+    now: u64,
+    in_batch: &mut std::collections::HashMap<String, u64>,
+) -> Change {
+    let existing = in_batch
+        .get(&doc.id)
+        .copied()
+        .or_else(|| st.document(&doc.id).map(|d| d.created_at_ms));
+    doc.created_at_ms = existing.unwrap_or(now);
+    doc.updated_at_ms = now;
+    in_batch.insert(doc.id.clone(), doc.created_at_ms);
+    Change::DocumentUpserted {
+        document: doc,
+        replaced: existing.is_some(),
+    }
+}

@@ -1,0 +1,243 @@
+//! The wire shapes of writes (documents, chunks, libraries, searches) and their conversion
+//! into validated domain values. Shared by every ingest path (REST, batch, NDJSON), so a
+//! document means the same thing however it arrives.
+//!
+//! Conversion is stateless apart from the target library's description; checks that need the
+//! rest of the state (does the document exist, is the name free) happen in the engine under
+//! its write lock.
+
+use quiver_embed::{Embedder, Purpose};
+use quiver_model::limits::CHUNKS_PER_DOCUMENT_LIMIT;
+use quiver_model::validate::{self, Invalid};
+use quiver_model::{Chunk, Document, Library};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+
+use crate::error::EngineError;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkInput {
+    pub id: Option<String>,
+    #[serde(default)]
+    pub text: String,
+    pub embedding: Option<Vec<f32>>,
+    pub embedding_b64: Option<String>,
+    pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentInput {
+    pub id: Option<String>,
+    #[serde(default)]
+    pub title: String,
+    pub metadata: Option<Map<String, Value>>,
+    pub chunks: Option<Vec<ChunkInput>>,
+    /// Shorthand: one chunk per text, embedded by the library's model.
+    pub texts: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateLibrary {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub index_type: Option<String>,
+    pub metric: Option<String>,
+    pub dimension: Option<u64>,
+    pub embedding_model: Option<String>,
+    pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PatchLibrary {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub metadata: Option<Map<String, Value>>,
+    /// Immutable after creation; accepted only when unchanged, so a client may send back
+    /// what it read.
+    pub dimension: Option<u64>,
+    pub metric: Option<String>,
+    pub index_type: Option<String>,
+    pub embedding_model: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchInput {
+    pub query: Option<String>,
+    pub embedding: Option<Vec<f32>>,
+    pub embedding_b64: Option<String>,
+    #[serde(default = "default_k")]
+    pub k: usize,
+    #[serde(default)]
+    pub filter: Value,
+    pub distance_threshold: Option<f32>,
+    #[serde(default)]
+    pub include_embeddings: bool,
+}
+
+fn default_k() -> usize {
+    10
+}
+
+/// A vector from exactly one of `embedding` / `embedding_b64`, or `None` when neither is set.
+pub fn pick_vector(
+    embedding: Option<Vec<f32>>,
+    b64: Option<&str>,
+) -> Result<Option<Vec<f32>>, Invalid> {
+    match (embedding, b64) {
+        (Some(_), Some(_)) => Err(Invalid::new(
+            "invalid_vector",
+            "send either `embedding` or `embedding_b64`, not both",
+        )),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(s)) => validate::vector_b64(s).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Validates `chunks` against `library` and embeds any that came as text only.
+pub fn prepare_chunks(
+    library: &Library,
+    document_id: &str,
+    inputs: Vec<ChunkInput>,
+    embedder: &dyn Embedder,
+) -> Result<Vec<Chunk>, EngineError> {
+    if inputs.len() > CHUNKS_PER_DOCUMENT_LIMIT {
+        return Err(Invalid::too_large(
+            "too_many_chunks",
+            format!(
+                "{} chunks; the limit per document is {CHUNKS_PER_DOCUMENT_LIMIT}",
+                inputs.len()
+            ),
+        )
+        .into());
+    }
+    let mut chunks = Vec::with_capacity(inputs.len());
+    let mut needs_embedding = Vec::new();
+    for (i, c) in inputs.into_iter().enumerate() {
+        validate::text(&c.text)?;
+        let metadata = c.metadata.unwrap_or_default();
+        validate::metadata("chunk", &metadata)?;
+        let id = match c.id {
+            Some(id) => {
+                validate::id("chunk", &id)?;
+                id
+            }
+            None => uuid::Uuid::new_v4().simple().to_string(),
+        };
+        let embedding = match pick_vector(c.embedding, c.embedding_b64.as_deref())? {
+            Some(v) => {
+                validate::vector(v, library.dimension, library.metric).map_err(|e| Invalid {
+                    detail: format!("chunk {i}: {}", e.detail),
+                    ..e
+                })?
+            }
+            None => {
+                needs_embedding.push(i);
+                Vec::new()
+            }
+        };
+        chunks.push(Chunk {
+            id,
+            document_id: document_id.to_string(),
+            text: c.text,
+            embedding,
+            metadata,
+        });
+    }
+    let mut seen = HashSet::with_capacity(chunks.len());
+    if let Some(dup) = chunks.iter().find(|c| !seen.insert(c.id.as_str())) {
+        return Err(EngineError::invalid(
+            "duplicate_chunk_id",
+            format!("chunk id {:?} appears twice", dup.id),
+        ));
+    }
+    if !needs_embedding.is_empty() {
+        let texts: Vec<String> = needs_embedding
+            .iter()
+            .map(|&i| chunks[i].text.clone())
+            .collect();
+        if let Some(i) = needs_embedding
+            .iter()
+            .find(|&&i| chunks[i].text.trim().is_empty())
+        {
+            return Err(EngineError::invalid(
+                "missing_vector",
+                format!("chunk {i} has neither text nor a vector"),
+            ));
+        }
+        let vectors = embedder
+            .embed(
+                library.embedding_model.as_deref(),
+                &texts,
+                Purpose::Document,
+            )
+            .map_err(|e| EngineError::invalid("embedding_unavailable", e.to_string()))?;
+        if vectors.len() != texts.len() {
+            return Err(EngineError::Unavailable {
+                code: "embedding_failed",
+                detail: format!(
+                    "the embedding provider returned {} vectors for {} texts",
+                    vectors.len(),
+                    texts.len()
+                ),
+            });
+        }
+        for (&i, v) in needs_embedding.iter().zip(vectors) {
+            chunks[i].embedding = validate::vector(v, library.dimension, library.metric)?;
+        }
+    }
+    Ok(chunks)
+}
+
+/// Turns a document input into a document for `library`. Timestamps are set by the engine
+/// when it commits (it knows whether this replaces an existing document).
+pub fn prepare_document(
+    library: &Library,
+    input: DocumentInput,
+    embedder: &dyn Embedder,
+) -> Result<Document, EngineError> {
+    let id = match input.id {
+        Some(id) => {
+            validate::id("document", &id)?;
+            id
+        }
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    validate::title(&input.title)?;
+    let metadata = input.metadata.unwrap_or_default();
+    validate::metadata("document", &metadata)?;
+    let mut chunk_inputs = input.chunks.unwrap_or_default();
+    if let Some(texts) = input.texts {
+        if texts.len() > CHUNKS_PER_DOCUMENT_LIMIT {
+            return Err(Invalid::too_large(
+                "too_many_chunks",
+                format!(
+                    "{} texts; the limit per document is {CHUNKS_PER_DOCUMENT_LIMIT}",
+                    texts.len()
+                ),
+            )
+            .into());
+        }
+        chunk_inputs.extend(texts.into_iter().map(|text| ChunkInput {
+            text,
+            ..Default::default()
+        }));
+    }
+    let chunks = prepare_chunks(library, &id, chunk_inputs, embedder)?;
+    Ok(Document {
+        id,
+        library_id: library.id.clone(),
+        title: input.title,
+        metadata,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+        chunks,
+    })
+}

@@ -1,0 +1,181 @@
+//! Snapshots: the whole state at one `seq`, so start-up replays only the log after it and old
+//! log segments can be deleted.
+//!
+//! A snapshot is a file of log frames (the same framing and CRC as the log): a header frame,
+//! one `LibraryCreated` record per library, one `DocumentUpserted` per document, and a trailer
+//! frame with the count. Frame numbers run 1, 2, 3… so a missing or repeated frame is caught.
+//! It is written beside the live state (readers and writers keep going), then made visible
+//! atomically (temp file, fsync, rename, fsync dir) — a crash leaves the old snapshot or the
+//! new one, never half of one. A snapshot is only written once the log is durable up to its
+//! `seq`, so it never contains a change whose record could still be lost.
+//!
+//! Never trust a snapshot that fails any check: loading falls back to the previous one (and
+//! the log must still reach back to it, or start-up stops with a clear error).
+
+use crate::error::{EngineError, Result};
+use crate::state::{self, Catalog};
+use parking_lot::RwLock;
+use quiver_log::{frame, Seq};
+use quiver_model::record::{Change, RecordMeta};
+use quiver_model::{Document, Library, Record};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const MAGIC: &[u8; 8] = b"QVRSNAP1";
+const TRAILER: &[u8; 8] = b"QVREND01";
+const SUFFIX: &str = ".qsnap";
+
+pub(crate) fn file_name(seq: Seq) -> String {
+    format!("snapshot-{seq:020}{SUFFIX}")
+}
+
+/// Snapshots in `dir`, newest first.
+pub(crate) fn list(dir: &Path) -> Result<Vec<(Seq, PathBuf)>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| EngineError::Io {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
+    let mut out = Vec::new();
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(seq) = name
+            .strip_prefix("snapshot-")
+            .and_then(|s| s.strip_suffix(SUFFIX))
+            .and_then(|s| s.parse::<Seq>().ok())
+        {
+            out.push((seq, entry.path()));
+        }
+    }
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(out)
+}
+
+/// Writes the snapshot of `libraries` taken at `seq` into `dir`.
+pub(crate) fn write(
+    dir: &Path,
+    seq: Seq,
+    libraries: &[(Library, Vec<Arc<Document>>)],
+) -> Result<PathBuf> {
+    let path = dir.join(file_name(seq));
+    let meta = RecordMeta::default();
+    let document_count: usize = libraries.iter().map(|(_, d)| d.len()).sum();
+    quiver_log::write_atomic(&path, |w| {
+        let mut n: u64 = 0;
+        let mut buf = Vec::with_capacity(1 << 16);
+        let mut put =
+            |payload: &[u8], w: &mut std::io::BufWriter<std::fs::File>| -> std::io::Result<()> {
+                n += 1;
+                buf.clear();
+                frame::encode(n, payload, &mut buf);
+                w.write_all(&buf)
+            };
+        let mut header = MAGIC.to_vec();
+        header.extend_from_slice(&seq.to_le_bytes());
+        header.extend_from_slice(&(libraries.len() as u64).to_le_bytes());
+        header.extend_from_slice(&(document_count as u64).to_le_bytes());
+        put(&header, w)?;
+        for (lib, docs) in libraries {
+            put(
+                &Record::new(meta.clone(), Change::LibraryCreated(lib.clone())).encode(),
+                w,
+            )?;
+            for d in docs {
+                let rec = Record::new(
+                    meta.clone(),
+                    Change::DocumentUpserted {
+                        document: (**d).clone(),
+                        replaced: false,
+                    },
+                );
+                put(&rec.encode(), w)?;
+            }
+        }
+        let items = 1 + libraries.len() as u64 + document_count as u64;
+        let mut trailer = TRAILER.to_vec();
+        trailer.extend_from_slice(&items.to_le_bytes());
+        put(&trailer, w)
+    })?;
+    Ok(path)
+}
+
+fn corrupt(path: &Path, offset: usize, why: impl std::fmt::Display) -> EngineError {
+    EngineError::Corrupt(format!(
+        "snapshot {} is damaged at byte {offset}: {why}",
+        path.display()
+    ))
+}
+
+/// Loads one snapshot file into a fresh catalog; returns the seq it was taken at.
+pub(crate) fn load(path: &Path) -> Result<(Seq, Catalog)> {
+    let bytes = std::fs::read(path).map_err(|e| EngineError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    let catalog = RwLock::new(Catalog::default());
+    let mut offset = 0usize;
+    let mut expected: u64 = 1;
+    let mut seq: Option<Seq> = None;
+    loop {
+        let (n, payload, len) = match frame::decode(&bytes[offset..]) {
+            frame::DecodeResult::Ok {
+                seq,
+                payload,
+                frame_len,
+            } => (seq, &bytes[offset..][payload], frame_len),
+            frame::DecodeResult::Incomplete { .. } => {
+                return Err(corrupt(
+                    path,
+                    offset,
+                    "the file ends inside a frame (no trailer)",
+                ))
+            }
+            frame::DecodeResult::Bad(why) => return Err(corrupt(path, offset, why)),
+        };
+        if n != expected {
+            return Err(corrupt(
+                path,
+                offset,
+                format!("frame {n} where frame {expected} was expected"),
+            ));
+        }
+        if n == 1 {
+            if payload.len() != 32 || &payload[..8] != MAGIC {
+                return Err(corrupt(path, offset, "not a Quiver snapshot header"));
+            }
+            seq = Some(u64::from_le_bytes(
+                payload[8..16].try_into().unwrap_or_default(),
+            ));
+        } else if payload.len() == 16 && &payload[..8] == TRAILER {
+            let items = u64::from_le_bytes(payload[8..16].try_into().unwrap_or_default());
+            if items != n - 1 {
+                return Err(corrupt(
+                    path,
+                    offset,
+                    format!("trailer counts {items} items, found {}", n - 1),
+                ));
+            }
+            if offset + len != bytes.len() {
+                return Err(corrupt(path, offset + len, "bytes after the trailer"));
+            }
+            let seq = seq.ok_or_else(|| corrupt(path, 0, "no header"))?;
+            return Ok((seq, catalog.into_inner()));
+        } else {
+            let rec = Record::decode(payload).map_err(|e| corrupt(path, offset, e))?;
+            match rec.change {
+                Change::LibraryCreated(_) | Change::DocumentUpserted { .. } => {}
+                _ => {
+                    return Err(corrupt(
+                        path,
+                        offset,
+                        "unexpected record kind in a snapshot",
+                    ))
+                }
+            }
+            state::apply(&catalog, rec).map_err(|e| corrupt(path, offset, e))?;
+        }
+        offset += len;
+        expected += 1;
+    }
+}

@@ -1,0 +1,341 @@
+//! In-memory state: the fold of the log. One [`Shard`] per library holds its documents and
+//! its vector index behind one `RwLock`, so searches in a library run concurrently with each
+//! other and with writes to other libraries, and a write to a library is applied atomically
+//! (a reader never sees half a document).
+//!
+//! Applying a record is deterministic and is the only way state changes — the live write
+//! path and start-up replay call the same [`Catalog::apply`]. It must never read a clock,
+//! generate an id or consult anything outside the record, or replay would diverge.
+
+use parking_lot::RwLock;
+use quiver_index::FlatIndex;
+use quiver_model::record::Change;
+use quiver_model::{Chunk, Document, Library, Metric, Record};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+pub(crate) fn index_metric(m: Metric) -> quiver_index::Metric {
+    match m {
+        Metric::Cosine => quiver_index::Metric::Cosine,
+        Metric::Dot => quiver_index::Metric::Dot,
+        Metric::L2 => quiver_index::Metric::L2,
+    }
+}
+
+/// Where an index row's chunk lives: its document (shared, immutable) and its position.
+#[derive(Clone)]
+pub(crate) struct ChunkLoc {
+    pub doc: Arc<Document>,
+    pub idx: u32,
+}
+
+pub(crate) struct DocEntry {
+    pub doc: Arc<Document>,
+    /// (key, index row) per chunk, in chunk order.
+    pub rows: Vec<(u64, u32)>,
+}
+
+/// One library's state.
+pub struct LibraryState {
+    pub library: Library,
+    pub(crate) docs: BTreeMap<String, DocEntry>,
+    pub(crate) index: FlatIndex,
+    pub(crate) locs: HashMap<u64, ChunkLoc>,
+    next_key: u64,
+    pub num_chunks: usize,
+}
+
+pub struct Shard {
+    pub state: RwLock<LibraryState>,
+}
+
+/// Why a record could not be applied. Live writes are validated first, so this only happens
+/// when a log disagrees with itself — start-up treats it as corruption.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ApplyError(pub String);
+
+impl LibraryState {
+    fn new(library: Library) -> Self {
+        let index = FlatIndex::new(library.dimension as usize, index_metric(library.metric));
+        LibraryState {
+            library,
+            docs: BTreeMap::new(),
+            index,
+            locs: HashMap::new(),
+            next_key: 0,
+            num_chunks: 0,
+        }
+    }
+
+    pub fn num_documents(&self) -> usize {
+        self.docs.len()
+    }
+
+    pub fn document(&self, id: &str) -> Option<&Arc<Document>> {
+        self.docs.get(id).map(|e| &e.doc)
+    }
+
+    pub fn index_memory_bytes(&self) -> usize {
+        self.index.memory_bytes()
+    }
+
+    /// Documents in id order, starting after `after`.
+    pub fn documents_after(&self, after: Option<&str>, limit: usize) -> Vec<Arc<Document>> {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a.to_string()),
+            None => Bound::Unbounded,
+        };
+        self.docs
+            .range((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, e)| e.doc.clone())
+            .collect()
+    }
+
+    pub fn all_documents(&self) -> Vec<Arc<Document>> {
+        self.docs.values().map(|e| e.doc.clone()).collect()
+    }
+
+    fn insert_rows(&mut self, doc: &Arc<Document>, from: usize) -> Vec<(u64, u32)> {
+        let mut rows = Vec::with_capacity(doc.chunks.len() - from);
+        for (i, c) in doc.chunks.iter().enumerate().skip(from) {
+            assert_eq!(
+                c.embedding.len(),
+                self.library.dimension as usize,
+                "validated before apply"
+            );
+            let key = self.next_key;
+            self.next_key += 1;
+            let row = self.index.insert(key, &c.embedding);
+            self.locs.insert(
+                key,
+                ChunkLoc {
+                    doc: doc.clone(),
+                    idx: i as u32,
+                },
+            );
+            rows.push((key, row));
+        }
+        self.num_chunks += rows.len();
+        rows
+    }
+
+    fn remove_rows(&mut self, rows: &[(u64, u32)]) {
+        for &(key, row) in rows {
+            self.index.remove(row);
+            self.locs.remove(&key);
+        }
+        self.num_chunks -= rows.len();
+    }
+
+    fn upsert(&mut self, doc: Document) {
+        if let Some(old) = self.docs.remove(&doc.id) {
+            self.remove_rows(&old.rows);
+        }
+        let doc = Arc::new(doc);
+        let rows = self.insert_rows(&doc, 0);
+        self.docs.insert(doc.id.clone(), DocEntry { doc, rows });
+    }
+
+    fn delete(&mut self, id: &str) -> Result<(), ApplyError> {
+        let old = self
+            .docs
+            .remove(id)
+            .ok_or_else(|| ApplyError(format!("document {id:?} does not exist")))?;
+        self.remove_rows(&old.rows);
+        Ok(())
+    }
+
+    /// Replaces a document's value (after adding or removing chunks) and repoints its rows.
+    fn repoint(&mut self, id: &str, doc: Arc<Document>, rows: Vec<(u64, u32)>) {
+        for (i, &(key, _)) in rows.iter().enumerate() {
+            self.locs.insert(
+                key,
+                ChunkLoc {
+                    doc: doc.clone(),
+                    idx: i as u32,
+                },
+            );
+        }
+        self.docs.insert(id.to_string(), DocEntry { doc, rows });
+    }
+
+    fn add_chunks(&mut self, id: &str, chunks: Vec<Chunk>, at_ms: u64) -> Result<(), ApplyError> {
+        let entry = self
+            .docs
+            .remove(id)
+            .ok_or_else(|| ApplyError(format!("document {id:?} does not exist")))?;
+        let mut doc = (*entry.doc).clone();
+        let from = doc.chunks.len();
+        doc.chunks.extend(chunks);
+        doc.updated_at_ms = at_ms;
+        let doc = Arc::new(doc);
+        let mut rows = entry.rows;
+        rows.extend(self.insert_rows(&doc, from));
+        self.repoint(id, doc, rows);
+        Ok(())
+    }
+
+    fn delete_chunk(&mut self, id: &str, chunk_id: &str, at_ms: u64) -> Result<(), ApplyError> {
+        let entry = self
+            .docs
+            .get(id)
+            .ok_or_else(|| ApplyError(format!("document {id:?} does not exist")))?;
+        let pos = entry
+            .doc
+            .chunks
+            .iter()
+            .position(|c| c.id == chunk_id)
+            .ok_or_else(|| {
+                ApplyError(format!(
+                    "chunk {chunk_id:?} does not exist in document {id:?}"
+                ))
+            })?;
+        let Some(entry) = self.docs.remove(id) else {
+            unreachable!("checked above")
+        };
+        let mut doc = (*entry.doc).clone();
+        doc.chunks.remove(pos);
+        doc.updated_at_ms = at_ms;
+        let mut rows = entry.rows;
+        let gone = rows.remove(pos);
+        self.remove_rows(&[gone]);
+        self.repoint(id, Arc::new(doc), rows);
+        Ok(())
+    }
+}
+
+/// All libraries, by id and by name.
+#[derive(Default)]
+pub struct Catalog {
+    pub(crate) by_id: HashMap<String, Arc<Shard>>,
+    pub(crate) by_name: HashMap<String, String>,
+}
+
+impl Catalog {
+    pub fn shard(&self, id: &str) -> Option<&Arc<Shard>> {
+        self.by_id.get(id)
+    }
+
+    /// Finds a library by id, then by name (so `--library docs` works as well as a uuid).
+    pub fn resolve(&self, id_or_name: &str) -> Option<&Arc<Shard>> {
+        self.by_id.get(id_or_name).or_else(|| {
+            self.by_name
+                .get(id_or_name)
+                .and_then(|id| self.by_id.get(id))
+        })
+    }
+
+    pub fn id_for_name(&self, name: &str) -> Option<&str> {
+        self.by_name.get(name).map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn shards(&self) -> impl Iterator<Item = &Arc<Shard>> {
+        self.by_id.values()
+    }
+
+    fn library_shard(&self, id: &str) -> Result<Arc<Shard>, ApplyError> {
+        self.by_id
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApplyError(format!("library {id:?} does not exist")))
+    }
+}
+
+/// Folds one record into the state. Library changes take the catalog's write lock; document
+/// and chunk changes take it only to find the shard, so they never stall searches in other
+/// libraries while they wait for that library's readers.
+pub fn apply(catalog: &RwLock<Catalog>, record: Record) -> Result<(), ApplyError> {
+    let at_ms = record.meta.timestamp_ms;
+    let shard_of = |id: &str| catalog.read().library_shard(id);
+    match record.change {
+        Change::LibraryCreated(lib) => {
+            let mut cat = catalog.write();
+            if cat.by_id.contains_key(&lib.id) || cat.by_name.contains_key(&lib.name) {
+                return Err(ApplyError(format!(
+                    "library {:?} ({}) already exists",
+                    lib.name, lib.id
+                )));
+            }
+            cat.by_name.insert(lib.name.clone(), lib.id.clone());
+            cat.by_id.insert(
+                lib.id.clone(),
+                Arc::new(Shard {
+                    state: RwLock::new(LibraryState::new(lib)),
+                }),
+            );
+        }
+        Change::LibraryUpdated(lib) => {
+            let mut cat = catalog.write();
+            let shard = cat.library_shard(&lib.id)?;
+            let mut st = shard.state.write();
+            if st.library.dimension != lib.dimension || st.library.metric != lib.metric {
+                return Err(ApplyError(format!(
+                    "library {} changed dimension or metric",
+                    lib.id
+                )));
+            }
+            if st.library.name != lib.name {
+                if cat.by_name.contains_key(&lib.name) {
+                    return Err(ApplyError(format!("library name {:?} is taken", lib.name)));
+                }
+                cat.by_name.remove(&st.library.name);
+                cat.by_name.insert(lib.name.clone(), lib.id.clone());
+            }
+            st.library = lib;
+        }
+        Change::LibraryDeleted { library_id, .. } => {
+            let mut cat = catalog.write();
+            let shard = cat
+                .by_id
+                .remove(&library_id)
+                .ok_or_else(|| ApplyError(format!("library {library_id:?} does not exist")))?;
+            let name = shard.state.read().library.name.clone();
+            cat.by_name.remove(&name);
+        }
+        Change::DocumentUpserted { document, .. } => {
+            shard_of(&document.library_id)?
+                .state
+                .write()
+                .upsert(document);
+        }
+        Change::DocumentDeleted {
+            library_id,
+            document_id,
+        } => {
+            shard_of(&library_id)?.state.write().delete(&document_id)?;
+        }
+        Change::ChunksAdded {
+            library_id,
+            document_id,
+            chunks,
+        } => {
+            shard_of(&library_id)?
+                .state
+                .write()
+                .add_chunks(&document_id, chunks, at_ms)?;
+        }
+        Change::ChunkDeleted {
+            library_id,
+            document_id,
+            chunk_id,
+        } => {
+            shard_of(&library_id)?
+                .state
+                .write()
+                .delete_chunk(&document_id, &chunk_id, at_ms)?;
+        }
+        Change::AppEvent { .. } => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! # quiver-server — the HTTP face of the engine
+//!
+//! This crate owns the v1 HTTP API (axum): routing, request parsing with JSON errors, limits
+//! on bodies and concurrency, trace ids, and the rendering of responses. It must never hold
+//! state of its own or change state except through the engine, and never answer a write
+//! before the engine says its record is durable.
+//!
+//! Layout:
+//! - [`routes`] — one handler per route of the contract.
+//! - [`extract`] — JSON bodies with JSON errors; the write context (trace id, source).
+//! - [`render`] — how libraries, documents and hits look on the wire.
+//! - [`error`] — `ApiError` and the mapping from engine errors to statuses.
+
+pub mod error;
+pub mod extract;
+pub mod render;
+pub mod routes;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use quiver_engine::Engine;
+use std::future::Future;
+use std::sync::Arc;
+
+/// Most requests served at once; past it new requests wait for a slot (bounded by the
+/// kernel's accept backlog), so load never turns into unbounded memory.
+pub const CONCURRENT_REQUESTS_LIMIT: usize = 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+}
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    let state = AppState { engine };
+    Router::new()
+        .route("/health", get(routes::health))
+        .route(
+            "/v1/libraries",
+            post(routes::create_library).get(routes::list_libraries),
+        )
+        .route(
+            "/v1/libraries/{id}",
+            get(routes::get_library)
+                .patch(routes::patch_library)
+                .delete(routes::delete_library),
+        )
+        .route(
+            "/v1/libraries/{id}/documents",
+            post(routes::upsert_document).get(routes::list_documents),
+        )
+        .route(
+            "/v1/libraries/{id}/documents/batch",
+            post(routes::upsert_batch),
+        )
+        .route(
+            "/v1/libraries/{id}/documents/{doc_id}",
+            get(routes::get_document).delete(routes::delete_document),
+        )
+        .route(
+            "/v1/libraries/{id}/documents/{doc_id}/chunks",
+            post(routes::add_chunks),
+        )
+        .route(
+            "/v1/libraries/{id}/documents/{doc_id}/chunks/{chunk_id}",
+            delete(routes::delete_chunk),
+        )
+        .route("/v1/libraries/{id}/search", post(routes::search))
+        .fallback(routes::not_found)
+        .layer(middleware::from_fn(trace_layer))
+        .layer(DefaultBodyLimit::max(
+            quiver_model::limits::BODY_BYTES_LIMIT,
+        ))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            CONCURRENT_REQUESTS_LIMIT,
+        ))
+        .with_state(state)
+}
+
+/// Gives every request a trace id (W3C `traceparent`, else `X-Request-ID`, else new), makes
+/// it available to handlers (it becomes the `trace_id` of every record the request causes)
+/// and echoes it on the response.
+async fn trace_layer(mut req: Request, next: Next) -> Response {
+    let trace_id = extract::trace_id_of(req.headers());
+    let traceparent = req.headers().get("traceparent").cloned();
+    req.extensions_mut()
+        .insert(extract::TraceId(trace_id.clone()));
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&trace_id) {
+        resp.headers_mut().insert("x-request-id", v.clone());
+        resp.headers_mut().insert("x-trace-id", v);
+    }
+    if let Some(tp) = traceparent {
+        resp.headers_mut().insert("traceparent", tp);
+    }
+    resp
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(engine))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,308 @@
+//! The REST routes of the v1 contract (DESIGN.md): health, libraries, documents, chunks,
+//! batch and search. Handlers are thin: parse, call the engine, wait for durability, render.
+//! A write answers only after its record is durable, with the `seq` it committed at; a read
+//! answers with the `seq` it is consistent at.
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{parse_json, ApiJson, Ctx};
+use crate::render::{self, with_seq};
+use crate::AppState;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use quiver_engine::input::{ChunkInput, CreateLibrary, DocumentInput, PatchLibrary, SearchInput};
+use quiver_engine::{EngineError, ItemOutcome};
+use quiver_model::limits::{BATCH_DOCUMENTS_LIMIT, PAGE_LIMIT};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::time::Instant;
+
+pub const SEQ_HEADER: &str = "x-quiver-seq";
+
+fn seq_headers(seq: u64) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(SEQ_HEADER, HeaderValue::from(seq));
+    h
+}
+
+pub async fn health(State(s): State<AppState>) -> Json<Value> {
+    let st = s.engine.stats();
+    Json(json!({
+        "status": "healthy",
+        "version": env!("CARGO_PKG_VERSION"),
+        "seq": st.applied_seq,
+        "durable_seq": st.durable_seq,
+        "uptime_seconds": s.engine.started_at.elapsed().as_secs(),
+    }))
+}
+
+// ------------------------------------------------------------------ libraries
+
+pub async fn create_library(
+    State(s): State<AppState>,
+    Ctx(ctx): Ctx,
+    ApiJson(req): ApiJson<CreateLibrary>,
+) -> ApiResult<Response> {
+    let c = s.engine.create_library(&ctx, req)?;
+    s.engine.wait_durable(c.seq).await?;
+    Ok((
+        StatusCode::CREATED,
+        seq_headers(c.seq),
+        Json(with_seq(render::library(&c.value), c.seq)),
+    )
+        .into_response())
+}
+
+pub async fn list_libraries(State(s): State<AppState>) -> Json<Value> {
+    let (libs, seq) = s.engine.list_libraries();
+    Json(json!({
+        "libraries": libs.iter().map(render::library).collect::<Vec<_>>(),
+        "total": libs.len(),
+        "seq": seq,
+    }))
+}
+
+pub async fn get_library(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let (info, seq) = s.engine.library(&id)?;
+    Ok(Json(with_seq(render::library(&info), seq)))
+}
+
+pub async fn patch_library(
+    State(s): State<AppState>,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<PatchLibrary>,
+) -> ApiResult<Response> {
+    let c = s.engine.update_library(&ctx, &id, req)?;
+    s.engine.wait_durable(c.seq).await?;
+    Ok((
+        seq_headers(c.seq),
+        Json(with_seq(render::library(&c.value), c.seq)),
+    )
+        .into_response())
+}
+
+pub async fn delete_library(
+    State(s): State<AppState>,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let c = s.engine.delete_library(&ctx, &id)?;
+    s.engine.wait_durable(c.seq).await?;
+    Ok((StatusCode::NO_CONTENT, seq_headers(c.seq)).into_response())
+}
+
+// ------------------------------------------------------------------ documents
+
+pub async fn upsert_document(
+    State(s): State<AppState>,
+    Ctx(ctx): Ctx,
+    Path(lib): Path<String>,
+    ApiJson(doc): ApiJson<DocumentInput>,
+) -> ApiResult<Response> {
+    let c = s.engine.upsert_document(&ctx, &lib, doc)?;
+    s.engine.wait_durable(c.seq).await?;
+    let (doc, created) = c.value;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut body = with_seq(render::document(&doc, false), c.seq);
+    body["created"] = json!(created);
+    Ok((status, seq_headers(c.seq), Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    documents: Vec<Value>,
+}
+
+pub async fn upsert_batch(
+    State(s): State<AppState>,
+    Ctx(ctx): Ctx,
+    Path(lib): Path<String>,
+    ApiJson(body): ApiJson<BatchBody>,
+) -> ApiResult<Response> {
+    if body.documents.len() > BATCH_DOCUMENTS_LIMIT {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!(
+                "{} documents; the limit per batch is {BATCH_DOCUMENTS_LIMIT}",
+                body.documents.len()
+            ),
+        ));
+    }
+    if body.documents.is_empty() {
+        return Err(ApiError::unprocessable(
+            "empty_batch",
+            "send at least one document",
+        ));
+    }
+    // Each item is parsed on its own so a malformed one is reported without costing the rest.
+    let items: Vec<Result<DocumentInput, EngineError>> = body
+        .documents
+        .into_iter()
+        .map(|v| {
+            serde_json::from_value::<DocumentInput>(v)
+                .map_err(|e| EngineError::invalid("invalid_document", e.to_string()))
+        })
+        .collect();
+    let c = s.engine.upsert_documents(&ctx, &lib, items)?;
+    s.engine.wait_durable(c.seq).await?;
+    let (mut committed, mut failed) = (0usize, 0usize);
+    let results: Vec<Value> = c
+        .value
+        .into_iter()
+        .enumerate()
+        .map(|(index, o)| match o {
+            ItemOutcome::Committed { document_id, created, num_chunks, seq } => {
+                committed += 1;
+                json!({"index": index, "ok": true, "document_id": document_id, "created": created, "num_chunks": num_chunks, "seq": seq})
+            }
+            ItemOutcome::Failed(e) => {
+                failed += 1;
+                let e = ApiError::from(e);
+                json!({"index": index, "ok": false, "error": e.code, "detail": e.detail, "status": e.status.as_u16()})
+            }
+        })
+        .collect();
+    let body = json!({"results": results, "committed": committed, "failed": failed, "seq": c.seq});
+    Ok((StatusCode::OK, seq_headers(c.seq), Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+pub async fn list_documents(
+    State(s): State<AppState>,
+    Path(lib): Path<String>,
+    Query(p): Query<ListParams>,
+) -> ApiResult<Json<Value>> {
+    let limit = p.limit.unwrap_or(100);
+    if limit == 0 || limit > PAGE_LIMIT {
+        return Err(ApiError::unprocessable(
+            "invalid_limit",
+            format!("limit must be between 1 and {PAGE_LIMIT}"),
+        ));
+    }
+    let (docs, total, seq) = s.engine.documents(&lib, p.after.as_deref(), limit)?;
+    let next = if docs.len() == limit {
+        docs.last().map(|d| d.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(json!({
+        "documents": docs.iter().map(|d| render::document_summary(d)).collect::<Vec<_>>(),
+        "total": total,
+        "next_after": next,
+        "seq": seq,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetDocParams {
+    #[serde(default)]
+    include_embeddings: bool,
+}
+
+pub async fn get_document(
+    State(s): State<AppState>,
+    Path((lib, doc)): Path<(String, String)>,
+    Query(p): Query<GetDocParams>,
+) -> ApiResult<Json<Value>> {
+    let (doc, seq) = s.engine.document(&lib, &doc)?;
+    Ok(Json(with_seq(
+        render::document(&doc, p.include_embeddings),
+        seq,
+    )))
+}
+
+pub async fn delete_document(
+    State(s): State<AppState>,
+    Ctx(ctx): Ctx,
+    Path((lib, doc)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let c = s.engine.delete_document(&ctx, &lib, &doc)?;
+    s.engine.wait_durable(c.seq).await?;
+    Ok((StatusCode::NO_CONTENT, seq_headers(c.seq)).into_response())
+}
+
+// ------------------------------------------------------------------ chunks
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunksBody {
+    chunks: Vec<ChunkInput>,
+}
+
+pub async fn add_chunks(
+    State(s): State<AppState>,
+    Ctx(ctx): Ctx,
+    Path((lib, doc)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ChunksBody>,
+) -> ApiResult<Response> {
+    let c = s.engine.add_chunks(&ctx, &lib, &doc, body.chunks)?;
+    s.engine.wait_durable(c.seq).await?;
+    Ok((
+        StatusCode::CREATED,
+        seq_headers(c.seq),
+        Json(with_seq(render::document(&c.value, false), c.seq)),
+    )
+        .into_response())
+}
+
+pub async fn delete_chunk(
+    State(s): State<AppState>,
+    Ctx(ctx): Ctx,
+    Path((lib, doc, chunk)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let c = s.engine.delete_chunk(&ctx, &lib, &doc, &chunk)?;
+    s.engine.wait_durable(c.seq).await?;
+    Ok((StatusCode::NO_CONTENT, seq_headers(c.seq)).into_response())
+}
+
+// ------------------------------------------------------------------ search
+
+pub async fn search(
+    State(s): State<AppState>,
+    Path(lib): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let req: SearchInput = parse_json(&body)?;
+    let t = Instant::now();
+    let engine = s.engine.clone();
+    let include = req.include_embeddings;
+    // A scan is CPU work: run it off the async workers so it never stalls other connections.
+    let (hits, seq) = tokio::task::spawn_blocking(move || engine.search(&lib, &req))
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    let query_time_ms = t.elapsed().as_secs_f64() * 1000.0;
+    Ok(Json(json!({
+        "results": hits.iter().map(|h| render::hit(h, include)).collect::<Vec<_>>(),
+        "total_results": hits.len(),
+        "query_time_ms": query_time_ms,
+        "seq": seq,
+    })))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        "no such route; see the API table in the README",
+    )
+}
