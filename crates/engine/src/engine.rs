@@ -805,6 +805,45 @@ impl Engine {
         )
     }
 
+    // ---------------------------------------------------------------- application events
+
+    /// Appends an application-defined event: durable and ordered like any change, with no
+    /// effect on state. System types (library.*, document.*, …) are refused so the stream's
+    /// meaning cannot be forged.
+    pub fn append_event(
+        &self,
+        ctx: &WriteCtx,
+        event_type: &str,
+        library: Option<&str>,
+        data: serde_json::Value,
+    ) -> Result<Committed<()>> {
+        validate_event_type(event_type)?;
+        let size_bytes = serde_json::to_vec(&data).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size_bytes > EVENT_DATA_BYTES_LIMIT {
+            return Err(EngineError::Invalid(Invalid::too_large(
+                "event_too_large",
+                format!("event data is {size_bytes} bytes as JSON; the limit is {EVENT_DATA_BYTES_LIMIT}"),
+            )));
+        }
+        let library_id = match library {
+            Some(l) => Some(self.library_for_write(l)?.id),
+            None => None,
+        };
+        let event_type = event_type.to_string();
+        self.commit(
+            ctx,
+            |cat, _| {
+                if let Some(id) = &library_id {
+                    if cat.shard(id).is_none() {
+                        return Err(EngineError::not_found("library", id.clone()));
+                    }
+                }
+                Ok((vec![Change::AppEvent { event_type, library_id, data }], ()))
+            },
+            |_, (), _| (),
+        )
+    }
+
     // ---------------------------------------------------------------- search
 
     /// Exact k-nearest-neighbour search with an optional metadata filter applied during the
@@ -977,6 +1016,28 @@ fn snapshot_loop(engine: std::sync::Weak<Engine>) {
             }
         }
     }
+}
+
+/// Largest application event payload, in bytes of JSON.
+pub const EVENT_DATA_BYTES_LIMIT: usize = 64 * 1024;
+/// Event type prefixes that only the system writes.
+pub const RESERVED_EVENT_PREFIXES: &[&str] =
+    &["library.", "document.", "chunk.", "index.", "batch.", "job.", "search.", "webhook.", "consumer."];
+
+fn validate_event_type(t: &str) -> Result<()> {
+    if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:/".contains(&b)) {
+        return Err(EngineError::invalid(
+            "invalid_event_type",
+            "event type must be 1 to 128 characters of letters, digits and . _ - : /",
+        ));
+    }
+    if let Some(p) = RESERVED_EVENT_PREFIXES.iter().find(|p| t.starts_with(*p)) {
+        return Err(EngineError::invalid(
+            "reserved_event_type",
+            format!("event types starting with {p:?} are written by Quiver itself; choose another prefix (e.g. \"app.\")"),
+        ));
+    }
+    Ok(())
 }
 
 fn parse_index_type(s: Option<&str>) -> Result<IndexType> {
