@@ -19,6 +19,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod filter;
 pub mod input;
 mod snapshot;
