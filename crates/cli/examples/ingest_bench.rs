@@ -659,8 +659,8 @@ fn print_table(args: &Args, rows: &[Row]) {
         "\nIngest: {} vectors of {} dims per configuration, {} documents x 1 chunk per batch, {} concurrent clients. Goal: >= {:.0} vectors/s with fsync always.\n",
         args.total, args.dimension, args.batch, args.clients, GOAL_VECTORS_PER_SECOND
     );
-    println!("| fsync | encoding | body KiB/req | wall s | vectors/s | p50 ms | p99 ms | max ms | fdatasync (+fsync) | vectors/fdatasync | server CPU s | client CPU s | server peak RSS MiB | data dir MiB |");
-    println!("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("| fsync | encoding | body KiB/req | wall s | vectors/s | p50 ms | p99 ms | max ms | fdatasync (+fsync) | vectors/fdatasync | server CPU s | server CPU µs/vector | client CPU s | server peak RSS MiB | data dir MiB |");
+    println!("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for r in rows {
         let (syncs, per_sync) = match r.fsyncs {
             Some((fdatasync, fsync)) => (
@@ -674,7 +674,7 @@ fn print_table(args: &Args, rows: &[Row]) {
             None => ("n/a".to_string(), "n/a".to_string()),
         };
         println!(
-            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {:.1} ({:.0}%) | {:.1} | {:.0} | {:.0} |",
+            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {:.1} ({:.0}%) | {:.0} | {:.1} | {:.0} | {:.0} |",
             r.fsync,
             r.encoding.name(),
             r.body_bytes as f64 / r.requests as f64 / 1024.0,
@@ -687,12 +687,13 @@ fn print_table(args: &Args, rows: &[Row]) {
             per_sync,
             r.server_cpu_s,
             100.0 * r.server_cpu_s / r.wall.as_secs_f64(),
+            1e6 * r.server_cpu_s / r.vectors as f64,
             r.client_cpu_s,
             r.server_peak_rss_kib as f64 / 1024.0,
             r.data_dir_bytes as f64 / MIB,
         );
     }
     println!(
-        "\nvectors/s = vectors / wall time of the timed phase; latency = one batch request, send to full answer (after fsync under `always`). Server CPU % is of one core (2.0 cores = 200%)."
+        "\nvectors/s = vectors / wall time of the timed phase; latency = one batch request, send to full answer (after fsync under `always`). Server CPU (utime+stime over the timed phase) % is of one core, so 200% = 2 cores; CPU µs/vector is much less sensitive than vectors/s to other load on the machine."
     );
 }

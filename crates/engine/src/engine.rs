@@ -393,12 +393,14 @@ impl Engine {
             .as_deref()
             .and_then(|m| self.embedder.dimension(m));
         let dimension = match (req.dimension, model_dimension) {
-            (Some(d), Some(md)) if d != md as u64 => return Err(EngineError::invalid(
-                "dimension_mismatch",
-                format!(
+            (Some(d), Some(md)) if d != md as u64 => {
+                return Err(EngineError::invalid(
+                    "dimension_mismatch",
+                    format!(
                     "embedding model produces {md}-dimensional vectors but dimension {d} was given"
                 ),
-            )),
+                ))
+            }
             (Some(d), _) => validate::dimension(d)?,
             (None, Some(md)) => md,
             (None, None) => return Err(EngineError::invalid(
@@ -818,7 +820,9 @@ impl Engine {
         data: serde_json::Value,
     ) -> Result<Committed<()>> {
         validate_event_type(event_type)?;
-        let size_bytes = serde_json::to_vec(&data).map(|v| v.len()).unwrap_or(usize::MAX);
+        let size_bytes = serde_json::to_vec(&data)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         if size_bytes > EVENT_DATA_BYTES_LIMIT {
             return Err(EngineError::Invalid(Invalid::too_large(
                 "event_too_large",
@@ -838,10 +842,56 @@ impl Engine {
                         return Err(EngineError::not_found("library", id.clone()));
                     }
                 }
-                Ok((vec![Change::AppEvent { event_type, library_id, data }], ()))
+                Ok((
+                    vec![Change::AppEvent {
+                        event_type,
+                        library_id,
+                        data,
+                    }],
+                    (),
+                ))
             },
             |_, (), _| (),
         )
+    }
+
+    /// Appends an event of a system type (e.g. `batch.started`) on behalf of a Quiver feature.
+    pub fn append_system_event(
+        &self,
+        ctx: &WriteCtx,
+        event_type: &'static str,
+        library_id: Option<String>,
+        data: serde_json::Value,
+    ) -> Result<Committed<()>> {
+        debug_assert!(
+            RESERVED_EVENT_PREFIXES
+                .iter()
+                .any(|p| event_type.starts_with(p)),
+            "system types are reserved"
+        );
+        let event_type = event_type.to_string();
+        self.commit(
+            ctx,
+            |_, _| {
+                Ok((
+                    vec![Change::AppEvent {
+                        event_type,
+                        library_id,
+                        data,
+                    }],
+                    (),
+                ))
+            },
+            |_, (), _| (),
+        )
+    }
+
+    /// Every document of a library at one `seq`: pointers to immutable values, collected under
+    /// the library's read lock, so the caller can stream them while writers go on.
+    pub fn export(&self, library: &str) -> Result<(LibraryInfo, Vec<Arc<Document>>, Seq)> {
+        let shard = self.shard(library)?;
+        let st = shard.state.read();
+        Ok((LibraryInfo::of(&st), st.all_documents(), self.applied_seq()))
     }
 
     // ---------------------------------------------------------------- search
@@ -921,7 +971,7 @@ impl Engine {
                     .search(&vector, req.k, req.distance_threshold, Some(&pred))
             }
         };
-        let hits = raw
+        let mut hits: Vec<Hit> = raw
             .into_iter()
             .filter_map(|(key, distance)| {
                 st.locs.get(&key).map(|loc| Hit {
@@ -931,6 +981,18 @@ impl Engine {
                 })
             })
             .collect();
+        // Equal distances are ordered by (document id, chunk id), not by insertion history, so
+        // the same content answers the same way (e.g. after export → import).
+        hits.sort_by(|a, b| {
+            a.distance
+                .total_cmp(&b.distance)
+                .then_with(|| a.document.id.cmp(&b.document.id))
+                .then_with(|| {
+                    a.document.chunks[a.chunk_index]
+                        .id
+                        .cmp(&b.document.chunks[b.chunk_index].id)
+                })
+        });
         Ok((hits, seq))
     }
 
@@ -1021,11 +1083,25 @@ fn snapshot_loop(engine: std::sync::Weak<Engine>) {
 /// Largest application event payload, in bytes of JSON.
 pub const EVENT_DATA_BYTES_LIMIT: usize = 64 * 1024;
 /// Event type prefixes that only the system writes.
-pub const RESERVED_EVENT_PREFIXES: &[&str] =
-    &["library.", "document.", "chunk.", "index.", "batch.", "job.", "search.", "webhook.", "consumer."];
+pub const RESERVED_EVENT_PREFIXES: &[&str] = &[
+    "library.",
+    "document.",
+    "chunk.",
+    "index.",
+    "batch.",
+    "job.",
+    "search.",
+    "webhook.",
+    "consumer.",
+];
 
 fn validate_event_type(t: &str) -> Result<()> {
-    if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:/".contains(&b)) {
+    if t.is_empty()
+        || t.len() > 128
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:/".contains(&b))
+    {
         return Err(EngineError::invalid(
             "invalid_event_type",
             "event type must be 1 to 128 characters of letters, digits and . _ - : /",

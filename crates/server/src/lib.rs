@@ -7,14 +7,18 @@
 //!
 //! Layout:
 //! - [`routes`] — one handler per route of the contract.
+//! - [`stream`] — NDJSON ingest, export and streamed search.
 //! - [`extract`] — JSON bodies with JSON errors; the write context (trace id, source).
 //! - [`render`] — how libraries, documents and hits look on the wire.
 //! - [`error`] — `ApiError` and the mapping from engine errors to statuses.
 
+pub mod bus;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod render;
 pub mod routes;
+pub mod stream;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderValue;
@@ -33,10 +37,14 @@ pub const CONCURRENT_REQUESTS_LIMIT: usize = 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Arc<Engine>,
+    pub bus: Arc<bus::Bus>,
 }
 
 pub fn router(engine: Arc<Engine>) -> Router {
-    let state = AppState { engine };
+    let state = AppState {
+        bus: bus::Bus::start(&engine),
+        engine,
+    };
     Router::new()
         .route("/health", get(routes::health))
         .route(
@@ -70,6 +78,12 @@ pub fn router(engine: Arc<Engine>) -> Router {
             delete(routes::delete_chunk),
         )
         .route("/v1/libraries/{id}/search", post(routes::search))
+        .route(
+            "/v1/libraries/{id}/documents/stream",
+            post(stream::ingest).get(stream::export),
+        )
+        .route("/v1/libraries/{id}/search/stream", post(stream::search))
+        .merge(events::router())
         .fallback(routes::not_found)
         .layer(middleware::from_fn(trace_layer))
         .layer(DefaultBodyLimit::max(
