@@ -204,9 +204,11 @@ fn parse_condition(o: &Map<String, Value>, budget: &mut usize) -> Result<Conditi
         "nin" | "not_in" => Op::Nin,
         "contains" => Op::Contains,
         "exists" => Op::Exists,
-        other => return Err(bad(format!(
+        other => {
+            return Err(bad(format!(
             "unknown operator {other:?}; use eq, ne, gt, gte, lt, lte, in, nin, contains or exists"
-        ))),
+        )))
+        }
     };
     let value = o.get("value").cloned().unwrap_or(if op == Op::Exists {
         Value::Bool(true)

@@ -27,7 +27,12 @@ fn reference_distance(metric: &str, q: &[f64], v: &[f64]) -> f64 {
             1.0 - dot / (nq * nv)
         }
         "dot" => -dot,
-        _ => q.iter().zip(v).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt(),
+        _ => q
+            .iter()
+            .zip(v)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f64>()
+            .sqrt(),
     }
 }
 
@@ -94,14 +99,19 @@ fn search_equals_reference_for_every_metric_and_filter() {
         }
         // Churn: delete every 7th document; the reference follows.
         for d in (0..300).step_by(7) {
-            engine.delete_document(&ctx, &lib, &format!("d{d}")).unwrap();
+            engine
+                .delete_document(&ctx, &lib, &format!("d{d}"))
+                .unwrap();
             reference.retain(|r| r.doc != format!("d{d}"));
         }
 
         type Pred = Box<dyn Fn(&RefChunk) -> bool>;
         let filters: Vec<(Value, Pred)> = vec![
             (Value::Null, Box::new(|_| true)),
-            (json!([{"field": "color", "operator": "eq", "value": "red"}]), Box::new(|r| r.color == "red")),
+            (
+                json!([{"field": "color", "operator": "eq", "value": "red"}]),
+                Box::new(|r| r.color == "red"),
+            ),
             (
                 json!({"must": [{"field": "n", "operator": "gte", "value": 50}],
                        "must_not": [{"field": "document.year", "operator": "lt", "value": 2000}]}),
@@ -124,10 +134,17 @@ fn search_equals_reference_for_every_metric_and_filter() {
             let qd: Vec<f64> = q.iter().map(|x| *x as f64).collect();
             for (fi, (filter, pred)) in filters.iter().enumerate() {
                 let k = [1, 10, 50][qi % 3];
-                let mut want: Vec<(f64, &RefChunk)> =
-                    reference.iter().filter(|r| pred(r)).map(|r| (reference_distance(metric, &qd, &r.v), r)).collect();
+                let mut want: Vec<(f64, &RefChunk)> = reference
+                    .iter()
+                    .filter(|r| pred(r))
+                    .map(|r| (reference_distance(metric, &qd, &r.v), r))
+                    .collect();
                 want.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
-                let threshold = if qi % 4 == 3 && want.len() > 3 { Some(want[want.len() / 3].0 as f32) } else { None };
+                let threshold = if qi % 4 == 3 && want.len() > 3 {
+                    Some(want[want.len() / 3].0 as f32)
+                } else {
+                    None
+                };
                 if let Some(t) = threshold {
                     want.retain(|(d, _)| *d <= t as f64 + 1e-6);
                 }
@@ -143,7 +160,8 @@ fn search_equals_reference_for_every_metric_and_filter() {
                 };
                 let (hits, _) = engine.search(&lib, &req).unwrap();
                 assert!(
-                    hits.len() == want.len() || (threshold.is_some() && hits.len() + 1 >= want.len()),
+                    hits.len() == want.len()
+                        || (threshold.is_some() && hits.len() + 1 >= want.len()),
                     "{metric} filter {fi}: got {} hits, want {}",
                     hits.len(),
                     want.len()
@@ -160,7 +178,12 @@ fn search_equals_reference_for_every_metric_and_filter() {
                     if !tied {
                         assert_eq!(got, (&wr.doc, &wr.chunk), "{metric} filter {fi} rank {i}");
                     }
-                    assert!(pred(reference.iter().find(|r| &r.doc == got.0 && &r.chunk == got.1).unwrap()));
+                    assert!(pred(
+                        reference
+                            .iter()
+                            .find(|r| &r.doc == got.0 && &r.chunk == got.1)
+                            .unwrap()
+                    ));
                 }
             }
         }
