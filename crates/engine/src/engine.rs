@@ -174,7 +174,7 @@ impl Engine {
         }
 
         let mut log_config = LogConfig::new(&log_dir);
-        log_config.fsync = config.fsync.clone();
+        log_config.fsync = config.fsync;
         log_config.segment_size_bytes_limit = config.segment_size_bytes_limit;
         let (log, recovery) = FileLog::open(log_config)?;
         if recovery.truncated_bytes > 0 {
@@ -1021,8 +1021,8 @@ impl Engine {
             libs.sort_by_key(|(l, _)| l.created_at_ms);
             (seq, libs)
         };
-        // Never snapshot a change the log could still lose.
-        self.log.wait_durable(seq)?;
+        // Never snapshot a change the log could still lose, whatever the fsync policy.
+        self.log.sync_through(seq)?;
         let dir = self.config.data_dir.join("snapshots");
         let t = Instant::now();
         let path = snapshot::write(&dir, seq, &libraries)?;

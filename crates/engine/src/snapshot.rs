@@ -48,7 +48,7 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<(Seq, PathBuf)>> {
             out.push((seq, entry.path()));
         }
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|e| std::cmp::Reverse(e.0));
     Ok(out)
 }
 

@@ -4,7 +4,7 @@
 //! answers with the `seq` it is consistent at.
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{parse_json, ApiJson, Ctx};
+use crate::extract::{parse_json, ApiBytes, ApiJson, Ctx};
 use crate::render::{self, with_seq};
 use crate::AppState;
 use axum::extract::{Path, Query, State};
@@ -120,41 +120,50 @@ pub async fn upsert_document(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody {
-    documents: Vec<Value>,
+    /// Kept raw so each item is parsed on its own, straight into its type (no `Value` tree):
+    /// a malformed item is reported without costing the rest.
+    documents: Vec<Box<serde_json::value::RawValue>>,
 }
 
 pub async fn upsert_batch(
     State(s): State<AppState>,
     Ctx(ctx): Ctx,
     Path(lib): Path<String>,
-    ApiJson(body): ApiJson<BatchBody>,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<Response> {
-    if body.documents.len() > BATCH_DOCUMENTS_LIMIT {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "batch_too_large",
-            format!(
-                "{} documents; the limit per batch is {BATCH_DOCUMENTS_LIMIT}",
-                body.documents.len()
-            ),
-        ));
-    }
-    if body.documents.is_empty() {
-        return Err(ApiError::unprocessable(
-            "empty_batch",
-            "send at least one document",
-        ));
-    }
-    // Each item is parsed on its own so a malformed one is reported without costing the rest.
-    let items: Vec<Result<DocumentInput, EngineError>> = body
-        .documents
-        .into_iter()
-        .map(|v| {
-            serde_json::from_value::<DocumentInput>(v)
-                .map_err(|e| EngineError::invalid("invalid_document", e.to_string()))
-        })
-        .collect();
-    let c = s.engine.upsert_documents(&ctx, &lib, items)?;
+    let engine = s.engine.clone();
+    // Parsing and validating up to 1000 documents is CPU work: keep it off the async workers.
+    let c = tokio::task::spawn_blocking(move || -> ApiResult<_> {
+        let body: BatchBody = parse_json(&body)?;
+        if body.documents.len() > BATCH_DOCUMENTS_LIMIT {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch_too_large",
+                format!(
+                    "{} documents; the limit per batch is {BATCH_DOCUMENTS_LIMIT}",
+                    body.documents.len()
+                ),
+            ));
+        }
+        if body.documents.is_empty() {
+            return Err(ApiError::unprocessable(
+                "empty_batch",
+                "send at least one document",
+            ));
+        }
+        let items: Vec<Result<DocumentInput, EngineError>> = body
+            .documents
+            .iter()
+            .map(|raw| {
+                serde_json::from_str::<DocumentInput>(raw.get())
+                    .map_err(|e| EngineError::invalid("invalid_document", e.to_string()))
+            })
+            .collect();
+        drop(body);
+        Ok(engine.upsert_documents(&ctx, &lib, items)?)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
     s.engine.wait_durable(c.seq).await?;
     let (mut committed, mut failed) = (0usize, 0usize);
     let results: Vec<Value> = c
@@ -278,7 +287,7 @@ pub async fn delete_chunk(
 pub async fn search(
     State(s): State<AppState>,
     Path(lib): Path<String>,
-    body: axum::body::Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<Json<Value>> {
     let req: SearchInput = parse_json(&body)?;
     let t = Instant::now();

@@ -9,7 +9,7 @@
 //! client-chosen id makes a retried upload idempotent.
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{parse_json, Ctx};
+use crate::extract::{parse_json, ApiBytes, Ctx};
 use crate::render;
 use crate::AppState;
 use axum::body::{Body, Bytes};
@@ -207,16 +207,18 @@ fn parse_line(text: &[u8]) -> Option<Result<DocumentInput, EngineError>> {
     if trimmed.is_empty() {
         return None;
     }
-    let v: Value = match serde_json::from_slice(trimmed) {
-        Ok(v) => v,
-        Err(e) => return Some(Err(EngineError::invalid("malformed_json", e.to_string()))),
-    };
-    if v.get("quiver_export").is_some() {
+    if trimmed.starts_with(b"{\"quiver_export\"") {
         return None;
     }
+    // Straight into the document type: no intermediate `Value` tree.
     Some(
-        serde_json::from_value(v)
-            .map_err(|e| EngineError::invalid("invalid_document", e.to_string())),
+        serde_json::from_slice::<DocumentInput>(trimmed).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => EngineError::invalid("invalid_document", e.to_string()),
+                _ => EngineError::invalid("malformed_json", e.to_string()),
+            }
+        }),
     )
 }
 
@@ -337,7 +339,7 @@ fn export_line(d: &quiver_model::Document, include_embeddings: bool) -> Value {
 pub async fn search(
     State(s): State<AppState>,
     Path(lib): Path<String>,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> ApiResult<Response> {
     let req: SearchInput = parse_json(&body)?;
     let t = Instant::now();
