@@ -41,10 +41,14 @@ pub struct AppState {
 }
 
 pub fn router(engine: Arc<Engine>) -> Router {
-    let state = AppState {
-        bus: bus::Bus::start(&engine),
-        engine,
-    };
+    let bus = bus::Bus::start(&engine);
+    router_with_bus(engine, bus)
+}
+
+/// The router over an engine and an already started event bus (so the caller can stop the
+/// bus at shutdown: SSE streams never end by themselves).
+pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
+    let state = AppState { bus, engine };
     Router::new()
         .route("/health", get(routes::health))
         .route(
@@ -120,7 +124,14 @@ pub async fn serve(
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine))
-        .with_graceful_shutdown(shutdown)
+    let bus = bus::Bus::start(&engine);
+    let stopper = bus.clone();
+    // Graceful shutdown waits for in-flight responses; stopping the bus ends every SSE stream
+    // and long-poll so that wait is short and the engine gets to close cleanly.
+    axum::serve(listener, router_with_bus(engine, bus))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            stopper.stop();
+        })
         .await
 }
