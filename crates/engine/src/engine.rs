@@ -131,6 +131,11 @@ pub struct Engine {
     embedder: Arc<dyn Embedder>,
     snapshot_lock: Mutex<()>,
     last_snapshot_seq: AtomicU64,
+    /// Size of the last snapshot file and the log's written bytes when it was taken: the
+    /// next snapshot waits until the log has grown by half a snapshot, so rewriting the whole
+    /// state costs amortised O(1) per byte ingested, not O(state) every N records.
+    last_snapshot_size_bytes: AtomicU64,
+    log_bytes_at_snapshot: AtomicU64,
     stop: AtomicBool,
     snapshot_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub started_at: Instant,
@@ -242,6 +247,8 @@ impl Engine {
             embedder,
             snapshot_lock: Mutex::new(()),
             last_snapshot_seq: AtomicU64::new(snap_seq),
+            last_snapshot_size_bytes: AtomicU64::new(0),
+            log_bytes_at_snapshot: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             snapshot_thread: Mutex::new(None),
             started_at: Instant::now(),
@@ -1027,6 +1034,11 @@ impl Engine {
         let t = Instant::now();
         let path = snapshot::write(&dir, seq, &libraries)?;
         self.last_snapshot_seq.store(seq, Ordering::Release);
+        let size_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        self.last_snapshot_size_bytes
+            .store(size_bytes, Ordering::Release);
+        self.log_bytes_at_snapshot
+            .store(self.log.stats().written_bytes, Ordering::Release);
         tracing::info!(seq, path = %path.display(), elapsed_ms = t.elapsed().as_millis() as u64, "snapshot written");
         // Keep this snapshot and the one before it (a fallback should this one be damaged).
         let all = snapshot::list(&dir)?;
@@ -1072,7 +1084,13 @@ fn snapshot_loop(engine: std::sync::Weak<Engine>) {
         let behind = e
             .applied_seq()
             .saturating_sub(e.last_snapshot_seq.load(Ordering::Acquire));
-        if behind >= e.config.snapshot_every_records {
+        let log_grown_bytes = e
+            .log
+            .stats()
+            .written_bytes
+            .saturating_sub(e.log_bytes_at_snapshot.load(Ordering::Acquire));
+        let half_snapshot_bytes = e.last_snapshot_size_bytes.load(Ordering::Acquire) / 2;
+        if behind >= e.config.snapshot_every_records && log_grown_bytes >= half_snapshot_bytes {
             if let Err(err) = e.snapshot() {
                 tracing::error!("snapshot failed: {err}");
             }

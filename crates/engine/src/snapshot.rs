@@ -82,14 +82,7 @@ pub(crate) fn write(
                 w,
             )?;
             for d in docs {
-                let rec = Record::new(
-                    meta.clone(),
-                    Change::DocumentUpserted {
-                        document: (**d).clone(),
-                        replaced: false,
-                    },
-                );
-                put(&rec.encode(), w)?;
+                put(&Record::encode_document_upserted(&meta, d, false), w)?;
             }
         }
         let items = 1 + libraries.len() as u64 + document_count as u64;
