@@ -52,6 +52,7 @@ pub struct EventFrame {
     /// The envelope `{seq, type, library_id, timestamp, data, source, trace_id}`, compact JSON.
     pub json: Arc<str>,
     cloudevent: OnceLock<Arc<str>>,
+    websocket: OnceLock<Arc<str>>,
 }
 
 impl EventFrame {
@@ -62,6 +63,7 @@ impl EventFrame {
             json: Arc::from(json),
             event,
             cloudevent: OnceLock::new(),
+            websocket: OnceLock::new(),
         }
     }
 
@@ -83,6 +85,22 @@ impl EventFrame {
     pub fn cloudevent(&self) -> &Arc<str> {
         self.cloudevent.get_or_init(|| {
             Arc::from(String::from_utf8(self.event.cloudevent_bytes()).unwrap_or_default())
+        })
+    }
+
+    /// The WebSocket push `{"type":"event","event_type":…, seq, library_id, timestamp, data,
+    /// source, trace_id}` (the envelope, with its `type` renamed so the message's own `type`
+    /// can say what kind of message it is), built on first use and then shared.
+    pub fn websocket(&self) -> &Arc<str> {
+        self.websocket.get_or_init(|| {
+            let mut v = self.event.envelope_json();
+            if let Some(m) = v.as_object_mut() {
+                if let Some(t) = m.remove("type") {
+                    m.insert("event_type".into(), t);
+                }
+                m.insert("type".into(), Value::String("event".into()));
+            }
+            Arc::from(v.to_string())
         })
     }
 

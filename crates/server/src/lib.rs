@@ -8,6 +8,7 @@
 //! Layout:
 //! - [`routes`] — one handler per route of the contract.
 //! - [`stream`] — NDJSON ingest, export and streamed search.
+//! - [`ws`] — WebSocket sessions: requests and live events on one socket.
 //! - [`extract`] — JSON bodies with JSON errors; the write context (trace id, source).
 //! - [`render`] — how libraries, documents and hits look on the wire.
 //! - [`error`] — `ApiError` and the mapping from engine errors to statuses.
@@ -19,6 +20,7 @@ pub mod extract;
 pub mod render;
 pub mod routes;
 pub mod stream;
+pub mod ws;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderValue;
@@ -87,6 +89,7 @@ pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
             post(stream::ingest).get(stream::export),
         )
         .route("/v1/libraries/{id}/search/stream", post(stream::search))
+        .route("/v1/libraries/{id}/ws", get(ws::upgrade))
         .merge(events::router())
         .fallback(routes::not_found)
         .layer(middleware::from_fn(trace_layer))
