@@ -1,7 +1,6 @@
 //! NDJSON streaming over real HTTP: ingest with bad lines, memory that stays flat however
 //! large the upload, export consistent at one seq, export → import round trip, streamed search.
 
-use futures::StreamExt;
 use quiver_engine::{Engine, EngineConfig};
 use quiver_model::record::Change;
 use quiver_model::Record;

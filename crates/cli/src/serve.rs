@@ -1,0 +1,95 @@
+//! # `quiver serve`
+//!
+//! Owns the server subcommand: its flags, logging set-up, opening the engine on a data
+//! directory and serving the HTTP API until SIGINT/SIGTERM, then a final snapshot and a clean
+//! close of the log. It must never hold API logic of its own (anything a user can do goes
+//! through the server crate, so it is tested there) and never print anything on stdout but the
+//! `quiver listening on http://ADDR` line that tests and scripts read to learn the port.
+
+use anyhow::{Context, Result};
+use quiver_engine::{Engine, EngineConfig, FsyncPolicy, Retention};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, env = "QUIVER_ADDR", default_value = "127.0.0.1:8000")]
+    addr: SocketAddr,
+    /// Directory for the log and snapshots (created if missing).
+    #[arg(long, env = "QUIVER_DATA_DIR", default_value = "./quiver-data")]
+    data_dir: PathBuf,
+    /// When a write is acknowledged: `always` (after fsync), `interval=<ms>`, or `never`.
+    #[arg(long, env = "QUIVER_FSYNC", default_value = "always")]
+    fsync: FsyncPolicy,
+    /// How much change log to keep for event consumers beyond what snapshots need:
+    /// a duration (`7d`, `12h`), a size (`10GiB`), both (`7d,10GiB`), `forever` or `none`.
+    #[arg(long, env = "QUIVER_RETAIN_EVENTS", default_value = "7d")]
+    retain_events: Retention,
+    /// Write a snapshot after this many records.
+    #[arg(long, env = "QUIVER_SNAPSHOT_EVERY", default_value_t = 50_000)]
+    snapshot_every: u64,
+    /// Roll log segments at this size, in bytes.
+    #[arg(long, env = "QUIVER_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    segment_bytes: u64,
+}
+
+/// Logging goes to stderr (`QUIVER_LOG=debug` for more). Only the server logs: client
+/// commands keep stderr for their own messages.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QUIVER_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = EngineConfig::new(&args.data_dir);
+    config.fsync = args.fsync;
+    config.retention = args.retain_events;
+    config.snapshot_every_records = args.snapshot_every.max(1);
+    config.segment_size_bytes_limit = args.segment_bytes;
+    let engine = Engine::open(config)
+        .with_context(|| format!("cannot open the data directory {}", args.data_dir.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async {
+        let listener =
+            tokio::net::TcpListener::bind(args.addr).await.with_context(|| format!("cannot listen on {}", args.addr))?;
+        let addr = listener.local_addr()?;
+        // Tests and scripts read this line to learn the port when --addr ends in :0.
+        println!("quiver listening on http://{addr}");
+        std::io::stdout().flush().ok();
+        tracing::info!(%addr, data_dir = %args.data_dir.display(), fsync = %engine.config().fsync, "serving");
+        quiver_server::serve(listener, engine.clone(), shutdown_signal()).await.context("server failed")
+    })?;
+    tracing::info!("shutting down: writing a final snapshot");
+    engine
+        .close()
+        .context("clean shutdown failed (the log is intact; the next start replays it)")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
