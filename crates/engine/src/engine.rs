@@ -933,8 +933,7 @@ impl Engine {
         let filter = Filter::parse(&req.filter)?;
         let shard = self.shard(library)?;
         let lib = shard.state.read().library.clone();
-        let vector = match input::pick_vector(req.embedding.clone(), req.embedding_b64.as_deref())?
-        {
+        let vector = match input::pick_vector(req.embedding.clone(), req.embedding_b64.clone())? {
             Some(v) => v,
             None => match &req.query {
                 Some(q) if !q.trim().is_empty() => {

@@ -49,19 +49,7 @@ pub fn event_of(seq: Seq, record: &Record) -> Event {
 
 /// The event type of a change, without building its data (for cheap filtering).
 pub fn type_of(change: &Change) -> &str {
-    match change {
-        Change::LibraryCreated(_) => "library.created",
-        Change::LibraryUpdated(_) => "library.updated",
-        Change::LibraryDeleted { .. } => "library.deleted",
-        Change::DocumentUpserted {
-            replaced: false, ..
-        } => "document.added",
-        Change::DocumentUpserted { replaced: true, .. } => "document.updated",
-        Change::DocumentDeleted { .. } => "document.deleted",
-        Change::ChunksAdded { .. } => "chunk.added",
-        Change::ChunkDeleted { .. } => "chunk.deleted",
-        Change::AppEvent { event_type, .. } => event_type,
-    }
+    change.event_type()
 }
 
 fn type_and_data(change: &Change) -> (String, Value) {

@@ -23,8 +23,38 @@ pub struct ChunkInput {
     #[serde(default)]
     pub text: String,
     pub embedding: Option<Vec<f32>>,
-    pub embedding_b64: Option<String>,
+    pub embedding_b64: Option<B64Vector>,
     pub metadata: Option<Map<String, Value>>,
+}
+
+/// An `embedding_b64` field, decoded while the JSON is parsed (straight from the request
+/// bytes into the f32 buffer, no intermediate string). A bad value is kept as its error, so it
+/// is reported as `invalid_vector` for its own chunk rather than as a malformed document.
+#[derive(Debug, Clone)]
+pub struct B64Vector(pub Result<Vec<f32>, Invalid>);
+
+impl B64Vector {
+    pub fn encode(v: &[f32]) -> String {
+        use base64::Engine as _;
+        let raw: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    }
+}
+
+impl<'de> Deserialize<'de> for B64Vector {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = B64Vector;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a base64 string of little-endian f32 values")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<B64Vector, E> {
+                Ok(B64Vector(validate::vector_b64(s)))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -71,7 +101,7 @@ pub struct PatchLibrary {
 pub struct SearchInput {
     pub query: Option<String>,
     pub embedding: Option<Vec<f32>>,
-    pub embedding_b64: Option<String>,
+    pub embedding_b64: Option<B64Vector>,
     #[serde(default = "default_k")]
     pub k: usize,
     #[serde(default)]
@@ -88,7 +118,7 @@ fn default_k() -> usize {
 /// A vector from exactly one of `embedding` / `embedding_b64`, or `None` when neither is set.
 pub fn pick_vector(
     embedding: Option<Vec<f32>>,
-    b64: Option<&str>,
+    b64: Option<B64Vector>,
 ) -> Result<Option<Vec<f32>>, Invalid> {
     match (embedding, b64) {
         (Some(_), Some(_)) => Err(Invalid::new(
@@ -96,7 +126,7 @@ pub fn pick_vector(
             "send either `embedding` or `embedding_b64`, not both",
         )),
         (Some(v), None) => Ok(Some(v)),
-        (None, Some(s)) => validate::vector_b64(s).map(Some),
+        (None, Some(B64Vector(v))) => v.map(Some),
         (None, None) => Ok(None),
     }
 }
@@ -131,7 +161,7 @@ pub fn prepare_chunks(
             }
             None => uuid::Uuid::new_v4().simple().to_string(),
         };
-        let embedding = match pick_vector(c.embedding, c.embedding_b64.as_deref())? {
+        let embedding = match pick_vector(c.embedding, c.embedding_b64)? {
             Some(v) => {
                 validate::vector(v, library.dimension, library.metric).map_err(|e| Invalid {
                     detail: format!("chunk {i}: {}", e.detail),

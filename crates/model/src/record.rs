@@ -75,7 +75,74 @@ mod tag {
     pub const APP_EVENT: u8 = 8;
 }
 
+/// The public event type of a record of `tag` (`replaced` for document upserts); `None` for
+/// application events, whose type is their own.
+fn system_event_type(tag: u8, replaced: bool) -> Option<&'static str> {
+    Some(match tag {
+        tag::LIBRARY_CREATED => "library.created",
+        tag::LIBRARY_UPDATED => "library.updated",
+        tag::LIBRARY_DELETED => "library.deleted",
+        tag::DOCUMENT_UPSERTED if replaced => "document.updated",
+        tag::DOCUMENT_UPSERTED => "document.added",
+        tag::DOCUMENT_DELETED => "document.deleted",
+        tag::CHUNKS_ADDED => "chunk.added",
+        tag::CHUNK_DELETED => "chunk.deleted",
+        _ => return None,
+    })
+}
+
+/// The event type of an encoded record, read from its header only — no vectors or texts are
+/// decoded or copied (the event bus counts types this way when nobody listens live).
+pub fn peek_event_type(buf: &[u8]) -> Result<std::borrow::Cow<'_, str>, DecodeError> {
+    let mut r = Reader::new(buf);
+    let version = r.u8()?;
+    if version != RECORD_VERSION {
+        return Err(r.err(format!("record version {version} is not supported")));
+    }
+    r.u64()?;
+    for _ in 0..2 {
+        if r.u8()? == 1 {
+            r.bytes()?;
+        }
+    }
+    let t = r.u8()?;
+    if t == tag::APP_EVENT {
+        let b = r.bytes()?;
+        return std::str::from_utf8(b)
+            .map(std::borrow::Cow::Borrowed)
+            .map_err(|_| r.err("event type is not UTF-8"));
+    }
+    let replaced = t == tag::DOCUMENT_UPSERTED && r.bool()?;
+    system_event_type(t, replaced)
+        .map(std::borrow::Cow::Borrowed)
+        .ok_or_else(|| r.err(format!("unknown record tag {t}")))
+}
+
 impl Change {
+    fn tag(&self) -> u8 {
+        match self {
+            Change::LibraryCreated(_) => tag::LIBRARY_CREATED,
+            Change::LibraryUpdated(_) => tag::LIBRARY_UPDATED,
+            Change::LibraryDeleted { .. } => tag::LIBRARY_DELETED,
+            Change::DocumentUpserted { .. } => tag::DOCUMENT_UPSERTED,
+            Change::DocumentDeleted { .. } => tag::DOCUMENT_DELETED,
+            Change::ChunksAdded { .. } => tag::CHUNKS_ADDED,
+            Change::ChunkDeleted { .. } => tag::CHUNK_DELETED,
+            Change::AppEvent { .. } => tag::APP_EVENT,
+        }
+    }
+
+    /// The public event type of this change (`document.added`, …, or an application type).
+    pub fn event_type(&self) -> &str {
+        match self {
+            Change::AppEvent { event_type, .. } => event_type,
+            Change::DocumentUpserted { replaced, .. } => {
+                system_event_type(self.tag(), *replaced).unwrap_or("unknown")
+            }
+            other => system_event_type(other.tag(), false).unwrap_or("unknown"),
+        }
+    }
+
     /// The library this change belongs to, if any.
     pub fn library_id(&self) -> Option<&str> {
         match self {
@@ -464,6 +531,17 @@ mod tests {
             let bytes = rec.encode();
             assert_eq!(Record::decode(&bytes).unwrap(), rec);
         }
+    }
+
+    #[test]
+    fn peeked_type_equals_decoded_type() {
+        for rec in sample() {
+            assert_eq!(
+                peek_event_type(&rec.encode()).unwrap(),
+                rec.change.event_type()
+            );
+        }
+        assert!(peek_event_type(&[9, 9]).is_err());
     }
 
     #[test]

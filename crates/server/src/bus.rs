@@ -463,16 +463,15 @@ impl Inner {
         }
     }
 
-    fn publish(&self, frame: Arc<EventFrame>) {
+    fn count_published(&self, event_type: &str) {
         {
             let mut by_type = lock(&self.events_by_type);
-            let key = if by_type.contains_key(frame.event_type())
-                || by_type.len() < EVENT_TYPES_TRACKED_LIMIT
-            {
-                frame.event_type()
-            } else {
-                "other"
-            };
+            let key =
+                if by_type.contains_key(event_type) || by_type.len() < EVENT_TYPES_TRACKED_LIMIT {
+                    event_type
+                } else {
+                    "other"
+                };
             match by_type.get_mut(key) {
                 Some(n) => *n += 1,
                 None => {
@@ -481,6 +480,35 @@ impl Inner {
             }
         }
         self.total_published.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn live_receivers(&self) -> usize {
+        lock(&self.sender)
+            .as_ref()
+            .map_or(0, |s| s.receiver_count())
+    }
+
+    /// With nobody on the live tail, the tailer only counts: it reads each record's type from
+    /// its header and renders nothing (a subscriber that arrives later reads the log itself).
+    fn skim_page_blocking(&self, from: Seq) -> Result<Option<Seq>, BusError> {
+        let records = self
+            .log
+            .read_from(from, PAGE_RECORDS_LIMIT, PAGE_BYTES_LIMIT)
+            .map_err(BusError::from)?;
+        for (seq, payload) in &records {
+            match quiver_model::record::peek_event_type(payload) {
+                Ok(t) => self.count_published(&t),
+                Err(error) => {
+                    tracing::error!(seq, %error, "a log record does not decode; its event is skipped");
+                    self.count_error("decode");
+                }
+            }
+        }
+        Ok(records.last().map(|(seq, _)| *seq))
+    }
+
+    fn publish(&self, frame: Arc<EventFrame>) {
+        self.count_published(frame.event_type());
         let seq = frame.seq;
         if let Some(sender) = lock(&self.sender).as_ref() {
             // No receivers is fine: nobody is listening right now.
@@ -780,6 +808,23 @@ async fn tail(inner: Arc<Inner>, mut next: Seq) {
     loop {
         let durable = *durable_rx.borrow_and_update();
         while next <= durable && !inner.stopped.load(Ordering::Acquire) {
+            if inner.live_receivers() == 0 {
+                let skim = Arc::clone(&inner);
+                let skimmed = tokio::task::spawn_blocking(move || skim.skim_page_blocking(next))
+                    .await
+                    .map_err(|e| BusError::Log(format!("the log reader task failed: {e}")))
+                    .and_then(|r| r);
+                match skimmed {
+                    Ok(Some(end_seq)) => {
+                        next = end_seq + 1;
+                        inner.published_seq.store(end_seq, Ordering::Release);
+                        continue;
+                    }
+                    Ok(None) => break,
+                    // Fall through to the full path, which reports and handles errors.
+                    Err(_) => {}
+                }
+            }
             match inner.read_page(next).await {
                 Ok(page) => {
                     let Some(end_seq) = page.end_seq else { break };

@@ -28,6 +28,43 @@ impl ApiError {
     pub fn unprocessable(code: &str, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
     }
+    /// Status, code and detail of an engine error: the one mapping from engine errors to the
+    /// API's statuses (by reference, so batch replies need not consume their outcomes).
+    pub fn parts(e: &EngineError) -> (u16, String, String) {
+        let (status, code): (StatusCode, String) = match e {
+            EngineError::NotFound { what, .. } => {
+                (StatusCode::NOT_FOUND, format!("{what}_not_found"))
+            }
+            EngineError::Conflict { code, .. } => (StatusCode::CONFLICT, code.to_string()),
+            EngineError::Invalid(i) if i.too_large => {
+                (StatusCode::PAYLOAD_TOO_LARGE, i.code.to_string())
+            }
+            EngineError::Invalid(i) => (StatusCode::UNPROCESSABLE_ENTITY, i.code.to_string()),
+            EngineError::Unavailable { code, .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, code.to_string())
+            }
+            EngineError::Log(quiver_log::LogError::RecordTooLarge { .. }) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "record_too_large".to_string(),
+            ),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal".to_string()),
+        };
+        let detail = match e {
+            EngineError::Invalid(i) => i.detail.clone(),
+            EngineError::Log(quiver_log::LogError::RecordTooLarge {
+                size_bytes,
+                limit_bytes,
+            }) => {
+                format!("the change is {size_bytes} bytes once encoded; the log's record limit is {limit_bytes}")
+            }
+            EngineError::Conflict { detail, .. } | EngineError::Unavailable { detail, .. } => {
+                detail.clone()
+            }
+            other => other.to_string(),
+        };
+        (status.as_u16(), code, detail)
+    }
+
     pub fn body(&self) -> serde_json::Value {
         json!({"error": self.code, "detail": self.detail})
     }
@@ -35,26 +72,12 @@ impl ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::NotFound { what, .. } => {
-                ApiError::new(StatusCode::NOT_FOUND, format!("{}_not_found", what), e.to_string())
-            }
-            EngineError::Conflict { code, detail } => ApiError::new(StatusCode::CONFLICT, code, detail),
-            EngineError::Invalid(i) => {
-                let status = if i.too_large { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::UNPROCESSABLE_ENTITY };
-                ApiError::new(status, i.code, i.detail)
-            }
-            EngineError::Unavailable { code, detail } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, detail),
-            EngineError::Log(quiver_log::LogError::RecordTooLarge { size_bytes, limit_bytes }) => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "record_too_large",
-                format!("the change is {size_bytes} bytes once encoded; the log's record limit is {limit_bytes}"),
-            ),
-            other => {
-                tracing::error!("internal error: {other}");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", other.to_string())
-            }
+        let (status, code, detail) = ApiError::parts(&e);
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!("internal error: {e}");
         }
+        ApiError::new(status, code, detail)
     }
 }
 

@@ -52,15 +52,18 @@ impl<S: Send + Sync> FromRequest<S> for ApiBytes {
 
 /// Parses JSON: syntax errors are 400, shape errors 422, each naming line and column.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Data => ApiError::unprocessable("invalid_request", e.to_string()),
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::bad_request("malformed_json", e.to_string())
-            }
+    serde_json::from_slice(bytes).map_err(json_error)
+}
+
+/// A JSON error as an API error: syntax is 400, shape is 422.
+pub fn json_error(e: serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Data => ApiError::unprocessable("invalid_request", e.to_string()),
+        Category::Syntax | Category::Eof | Category::Io => {
+            ApiError::bad_request("malformed_json", e.to_string())
         }
-    })
+    }
 }
 
 /// The trace id of the request (set by the trace middleware) and its source.

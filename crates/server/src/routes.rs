@@ -119,10 +119,32 @@ pub async fn upsert_document(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BatchBody {
-    /// Kept raw so each item is parsed on its own, straight into its type (no `Value` tree):
-    /// a malformed item is reported without costing the rest.
-    documents: Vec<Box<serde_json::value::RawValue>>,
+pub struct BatchBody<'a> {
+    /// Kept raw (borrowed from the body, not copied) so each item is parsed on its own,
+    /// straight into its type: a malformed item is reported without costing the rest.
+    #[serde(borrow)]
+    documents: Vec<&'a serde_json::value::RawValue>,
+}
+
+/// One item of a batch reply (a typed struct: no map allocation per key and item).
+#[derive(serde::Serialize)]
+struct BatchItem<'a> {
+    index: usize,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    document_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    num_chunks: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
 }
 
 pub async fn upsert_batch(
@@ -134,7 +156,7 @@ pub async fn upsert_batch(
     let engine = s.engine.clone();
     // Parsing and validating up to 1000 documents is CPU work: keep it off the async workers.
     let c = tokio::task::spawn_blocking(move || -> ApiResult<_> {
-        let body: BatchBody = parse_json(&body)?;
+        let body: BatchBody = serde_json::from_slice(&body).map_err(crate::extract::json_error)?;
         if body.documents.len() > BATCH_DOCUMENTS_LIMIT {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -166,24 +188,57 @@ pub async fn upsert_batch(
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
     s.engine.wait_durable(c.seq).await?;
     let (mut committed, mut failed) = (0usize, 0usize);
-    let results: Vec<Value> = c
+    let results: Vec<BatchItem> = c
         .value
-        .into_iter()
+        .iter()
         .enumerate()
         .map(|(index, o)| match o {
-            ItemOutcome::Committed { document_id, created, num_chunks, seq } => {
+            ItemOutcome::Committed {
+                document_id,
+                created,
+                num_chunks,
+                seq,
+            } => {
                 committed += 1;
-                json!({"index": index, "ok": true, "document_id": document_id, "created": created, "num_chunks": num_chunks, "seq": seq})
+                BatchItem {
+                    index,
+                    ok: true,
+                    document_id: Some(document_id),
+                    created: Some(*created),
+                    num_chunks: Some(*num_chunks),
+                    seq: Some(*seq),
+                    error: None,
+                    detail: None,
+                    status: None,
+                }
             }
             ItemOutcome::Failed(e) => {
                 failed += 1;
-                let e = ApiError::from(e);
-                json!({"index": index, "ok": false, "error": e.code, "detail": e.detail, "status": e.status.as_u16()})
+                let (status, code, detail) = ApiError::parts(e);
+                BatchItem {
+                    index,
+                    ok: false,
+                    document_id: None,
+                    created: None,
+                    num_chunks: None,
+                    seq: None,
+                    error: Some(code),
+                    detail: Some(detail),
+                    status: Some(status),
+                }
             }
         })
         .collect();
-    let body = json!({"results": results, "committed": committed, "failed": failed, "seq": c.seq});
-    Ok((StatusCode::OK, seq_headers(c.seq), Json(body)).into_response())
+    let body = serde_json::to_vec(
+        &json!({"results": results, "committed": committed, "failed": failed, "seq": c.seq}),
+    )
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let mut headers = seq_headers(c.seq);
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok((StatusCode::OK, headers, body).into_response())
 }
 
 #[derive(Deserialize)]

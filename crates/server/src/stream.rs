@@ -319,15 +319,13 @@ pub async fn export(
 }
 
 fn export_line(d: &quiver_model::Document, include_embeddings: bool) -> Value {
-    use base64::Engine as _;
     let chunks: Vec<Value> = d
         .chunks
         .iter()
         .map(|c| {
             let mut v = json!({"id": c.id, "text": c.text, "metadata": c.metadata});
             if include_embeddings {
-                let raw: Vec<u8> = c.embedding.iter().flat_map(|x| x.to_le_bytes()).collect();
-                v["embedding_b64"] = json!(base64::engine::general_purpose::STANDARD.encode(raw));
+                v["embedding_b64"] = json!(quiver_engine::input::B64Vector::encode(&c.embedding));
             }
             v
         })
