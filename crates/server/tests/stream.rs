@@ -260,6 +260,40 @@ async fn export_is_consistent_and_round_trips() {
         );
     }
 
+    // Snapshot + tail: the change stream from export_seq + 1 holds exactly the writes the
+    // export did not see — no gap, no duplicate.
+    let (_, pulled) = s
+        .json(
+            reqwest::Method::GET,
+            &format!(
+                "/v1/events?from_seq={}&limit=1000&types=document.*",
+                export_seq + 1
+            ),
+            None,
+        )
+        .await;
+    let tailed: Vec<(String, u64)> = pulled["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["data"]["document_id"].as_str().unwrap().to_string(),
+                e["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let after: Vec<(String, u64)> = acked
+        .iter()
+        .filter(|(_, seq)| *seq > export_seq)
+        .cloned()
+        .collect();
+    assert!(
+        !after.is_empty(),
+        "the writer kept writing after the export"
+    );
+    assert_eq!(tailed, after);
+
     // Import into a new library: identical search results.
     s.library("dst", 3).await;
     let mut body = String::new();
