@@ -1,12 +1,15 @@
 //! Streaming NDJSON routes: ingest (one document per line in, one status line per line out),
 //! export (every document of a library at one `seq`, re-importable), and streamed search.
 //!
-//! Ingest reads the body incrementally and never holds more than one batch of lines plus one
-//! line in progress ([`LINE_BYTES_LIMIT`], [`BATCH_LINES_LIMIT`], [`BATCH_BYTES_LIMIT`]); its
-//! replies go through a bounded channel, so a client that stops reading replies stops the
-//! server reading its body (backpressure), never growing a buffer. A bad line costs only
-//! itself. Batches are committed through the same engine path as the batch route, so a
-//! client-chosen id makes a retried upload idempotent.
+//! Ingest reads the body incrementally through a pipeline — read lines → parse → commit (in
+//! line order) → wait for durability and reply — whose stages overlap (the next group parses
+//! while this one commits and fsyncs) and are joined by bounded channels
+//! ([`PIPELINE_GROUPS_LIMIT`] groups each; a group is at most [`BATCH_LINES_LIMIT`] lines and
+//! [`BATCH_BYTES_LIMIT`] bytes, a line at most [`LINE_BYTES_LIMIT`]). Replies go through a
+//! bounded channel too, so a client that stops reading replies stops the server reading its
+//! body (backpressure), never growing a buffer. A bad line costs only itself. Groups are
+//! committed through the same engine path as the batch route, so a client-chosen id makes a
+//! retried upload idempotent.
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{parse_json, ApiBytes, Ctx};
@@ -29,7 +32,7 @@ pub const LINE_BYTES_LIMIT: usize = 16 * 1024 * 1024;
 /// Most lines committed in one group.
 pub const BATCH_LINES_LIMIT: usize = 512;
 /// Most line bytes held for one group.
-pub const BATCH_BYTES_LIMIT: usize = 16 * 1024 * 1024;
+pub const BATCH_BYTES_LIMIT: usize = 4 * 1024 * 1024;
 /// Reply chunks buffered before the server stops reading the request.
 pub const REPLY_CHUNKS_LIMIT: usize = 8;
 /// When the body pauses this long, the lines in hand are committed without waiting for more.
@@ -63,6 +66,17 @@ struct Totals {
 /// One pending line: its number and either its parsed document or its error.
 type Pending = (u64, Result<DocumentInput, EngineError>);
 
+/// A raw line as read from the body: its bytes, or the fact that it was too long to keep.
+enum RawLine {
+    Text(Vec<u8>),
+    TooLong,
+}
+
+/// Groups in flight between two pipeline stages (read → parse → commit → reply). Each stage
+/// owns one core's worth of work, so parsing the next group overlaps committing this one and
+/// waiting for its fsync; the bounds keep memory flat and carry backpressure back to the body.
+const PIPELINE_GROUPS_LIMIT: usize = 2;
+
 pub async fn ingest(
     State(s): State<AppState>,
     Ctx(ctx): Ctx,
@@ -75,13 +89,6 @@ pub async fn ingest(
     let engine = s.engine.clone();
     tokio::spawn(async move {
         let started = Instant::now();
-        let mut totals = Totals {
-            lines: 0,
-            committed: 0,
-            failed: 0,
-            first_seq: None,
-            last_seq: None,
-        };
         let start = engine.append_system_event(
             &ctx,
             "batch.started",
@@ -91,7 +98,7 @@ pub async fn ingest(
         if let Ok(c) = &start {
             let _ = engine.wait_durable(c.seq).await;
         }
-        let outcome = read_and_commit(&engine, &ctx, &library_id, body, &tx, &mut totals).await;
+        let (outcome, totals) = pipeline(&engine, &ctx, &library_id, body, &tx).await;
         let (event, error) = match &outcome {
             Ok(()) => ("batch.completed", None),
             Err(e) => ("batch.failed", Some(e.clone())),
@@ -118,32 +125,135 @@ pub async fn ingest(
     Ok(ndjson(Body::from_stream(stream)))
 }
 
-/// Reads lines from `body`, commits them in groups, sends a status line per input line.
-/// Returns Err only when the body itself fails (the client went away or sent garbage framing).
-async fn read_and_commit(
+/// Runs the ingest pipeline to the end of the body: read lines (here) → parse (blocking pool)
+/// → commit in order (blocking pool) → wait for durability and reply (a task). Returns Err
+/// only when the body itself fails or the client stops reading replies.
+async fn pipeline(
     engine: &Arc<quiver_engine::Engine>,
     ctx: &WriteCtx,
     library_id: &str,
     body: Body,
     tx: &tokio::sync::mpsc::Sender<Bytes>,
-    totals: &mut Totals,
+) -> (Result<(), String>, Totals) {
+    use tokio::sync::mpsc::channel;
+    let (raw_tx, mut raw_rx) = channel::<Vec<(u64, RawLine)>>(PIPELINE_GROUPS_LIMIT);
+    let (parsed_tx, mut parsed_rx) = channel::<Vec<Pending>>(PIPELINE_GROUPS_LIMIT);
+    let (done_tx, mut done_rx) = channel::<(
+        Vec<u64>,
+        Result<quiver_engine::Committed<Vec<ItemOutcome>>, EngineError>,
+    )>(PIPELINE_GROUPS_LIMIT);
+
+    let parse_stage = tokio::spawn(async move {
+        while let Some(group) = raw_rx.recv().await {
+            let Ok(parsed) = tokio::task::spawn_blocking(move || parse_group(group)).await else {
+                return;
+            };
+            if parsed_tx.send(parsed).await.is_err() {
+                return;
+            }
+        }
+    });
+    let commit_stage = {
+        let engine = engine.clone();
+        let ctx = ctx.clone();
+        let lib = library_id.to_string();
+        tokio::spawn(async move {
+            while let Some(group) = parsed_rx.recv().await {
+                let (numbers, items): (Vec<u64>, Vec<_>) = group.into_iter().unzip();
+                let (engine, ctx, lib) = (engine.clone(), ctx.clone(), lib.clone());
+                // Groups commit one after another, in line order (a later line for the same
+                // id must win), while the next group is parsed.
+                let Ok(result) =
+                    tokio::task::spawn_blocking(move || engine.upsert_documents(&ctx, &lib, items))
+                        .await
+                else {
+                    return;
+                };
+                if done_tx.send((numbers, result)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let reply_stage = {
+        let engine = engine.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut totals = Totals {
+                lines: 0,
+                committed: 0,
+                failed: 0,
+                first_seq: None,
+                last_seq: None,
+            };
+            while let Some((numbers, result)) = done_rx.recv().await {
+                let out = match result {
+                    Ok(c) => {
+                        if engine.wait_durable(c.seq).await.is_err() {
+                            return (Err("the log failed".to_string()), totals);
+                        }
+                        reply_lines(&numbers, Ok(c.value), &mut totals)
+                    }
+                    Err(e) => reply_lines(&numbers, Err(e), &mut totals),
+                };
+                if tx.send(out).await.is_err() {
+                    return (
+                        Err("the client stopped reading replies".to_string()),
+                        totals,
+                    );
+                }
+            }
+            (Ok(()), totals)
+        })
+    };
+
+    let read = read_lines(body, &raw_tx).await;
+    drop(raw_tx);
+    let _ = parse_stage.await;
+    let _ = commit_stage.await;
+    let (replied, totals) = reply_stage.await.unwrap_or_else(|e| {
+        (
+            Err(format!("ingest reply task failed: {e}")),
+            Totals {
+                lines: 0,
+                committed: 0,
+                failed: 0,
+                first_seq: None,
+                last_seq: None,
+            },
+        )
+    });
+    (read.and(replied), totals)
+}
+
+/// Splits the body into lines and sends them on in groups (at most [`BATCH_LINES_LIMIT`]
+/// lines or [`BATCH_BYTES_LIMIT`] bytes; a group also goes when the body pauses).
+async fn read_lines(
+    body: Body,
+    raw_tx: &tokio::sync::mpsc::Sender<Vec<(u64, RawLine)>>,
 ) -> Result<(), String> {
     let mut stream = body.into_data_stream();
     let mut buf: Vec<u8> = Vec::new();
     let mut skipping_long_line = false;
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut pending_bytes = 0usize;
+    let mut group: Vec<(u64, RawLine)> = Vec::new();
+    let mut group_bytes = 0usize;
     let mut line_no: u64 = 0;
     let mut ended = false;
+    let send = |group: Vec<(u64, RawLine)>| async move {
+        raw_tx
+            .send(group)
+            .await
+            .map_err(|_| "the ingest pipeline stopped".to_string())
+    };
     while !ended {
-        let next = if pending.is_empty() {
+        let next = if group.is_empty() {
             stream.next().await
         } else {
             match tokio::time::timeout(IDLE_FLUSH, stream.next()).await {
                 Ok(n) => n,
                 Err(_) => {
-                    flush(engine, ctx, library_id, &mut pending, tx, totals).await?;
-                    pending_bytes = 0;
+                    send(std::mem::take(&mut group)).await?;
+                    group_bytes = 0;
                     continue;
                 }
             }
@@ -179,18 +289,14 @@ async fn read_and_commit(
             let text = std::mem::take(&mut buf);
             if skipping_long_line {
                 skipping_long_line = false;
-                let e = EngineError::Invalid(quiver_model::validate::Invalid::too_large(
-                    "line_too_long",
-                    format!("line is longer than {LINE_BYTES_LIMIT} bytes"),
-                ));
-                pending.push((line_no, Err(e)));
-            } else if let Some(item) = parse_line(&text) {
-                pending_bytes += text.len();
-                pending.push((line_no, item));
+                group.push((line_no, RawLine::TooLong));
+            } else if !text.trim_ascii().is_empty() {
+                group_bytes += text.len();
+                group.push((line_no, RawLine::Text(text)));
             }
-            if pending.len() >= BATCH_LINES_LIMIT || pending_bytes >= BATCH_BYTES_LIMIT {
-                flush(engine, ctx, library_id, &mut pending, tx, totals).await?;
-                pending_bytes = 0;
+            if group.len() >= BATCH_LINES_LIMIT || group_bytes >= BATCH_BYTES_LIMIT {
+                send(std::mem::take(&mut group)).await?;
+                group_bytes = 0;
             }
             match nl {
                 Some(i) => rest = &rest[i + 1..],
@@ -198,7 +304,28 @@ async fn read_and_commit(
             }
         }
     }
-    flush(engine, ctx, library_id, &mut pending, tx, totals).await
+    if !group.is_empty() {
+        send(group).await?;
+    }
+    Ok(())
+}
+
+fn parse_group(group: Vec<(u64, RawLine)>) -> Vec<Pending> {
+    group
+        .into_iter()
+        .filter_map(|(n, raw)| match raw {
+            RawLine::TooLong => Some((
+                n,
+                Err(EngineError::Invalid(
+                    quiver_model::validate::Invalid::too_large(
+                        "line_too_long",
+                        format!("line is longer than {LINE_BYTES_LIMIT} bytes"),
+                    ),
+                )),
+            )),
+            RawLine::Text(text) => parse_line(&text).map(|item| (n, item)),
+        })
+        .collect()
 }
 
 /// Parses one line; `None` for blank lines and export headers (which carry no document).
@@ -222,34 +349,17 @@ fn parse_line(text: &[u8]) -> Option<Result<DocumentInput, EngineError>> {
     )
 }
 
-async fn flush(
-    engine: &Arc<quiver_engine::Engine>,
-    ctx: &WriteCtx,
-    library_id: &str,
-    pending: &mut Vec<Pending>,
-    tx: &tokio::sync::mpsc::Sender<Bytes>,
+/// The status lines of one committed group (or of a group that failed whole, e.g. because
+/// the library was deleted mid-stream).
+fn reply_lines(
+    numbers: &[u64],
+    result: Result<Vec<ItemOutcome>, EngineError>,
     totals: &mut Totals,
-) -> Result<(), String> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let batch = std::mem::take(pending);
-    let (numbers, items): (Vec<u64>, Vec<_>) = batch.into_iter().unzip();
-    let engine2 = engine.clone();
-    let ctx2 = ctx.clone();
-    let lib = library_id.to_string();
-    // Validation, embedding and apply are CPU work: keep them off the async workers.
-    let result = tokio::task::spawn_blocking(move || engine2.upsert_documents(&ctx2, &lib, items))
-        .await
-        .map_err(|e| format!("ingest worker failed: {e}"))?;
+) -> Bytes {
     let mut out = Vec::with_capacity(numbers.len() * 64);
     match result {
-        Ok(c) => {
-            engine
-                .wait_durable(c.seq)
-                .await
-                .map_err(|e| e.to_string())?;
-            for (n, o) in numbers.iter().zip(c.value) {
+        Ok(outcomes) => {
+            for (n, o) in numbers.iter().zip(outcomes) {
                 totals.lines += 1;
                 let v = match o {
                     ItemOutcome::Committed {
@@ -273,9 +383,8 @@ async fn flush(
             }
         }
         Err(e) => {
-            // The whole group failed (e.g. the library was deleted mid-stream): every line says so.
             let e = ApiError::from(e);
-            for n in &numbers {
+            for n in numbers {
                 totals.lines += 1;
                 totals.failed += 1;
                 out.extend_from_slice(&line(
@@ -284,9 +393,7 @@ async fn flush(
             }
         }
     }
-    tx.send(Bytes::from(out))
-        .await
-        .map_err(|_| "the client stopped reading replies".to_string())
+    Bytes::from(out)
 }
 
 #[derive(Deserialize)]
