@@ -68,7 +68,7 @@ type Pending = (u64, Result<DocumentInput, EngineError>);
 
 /// A raw line as read from the body: its bytes, or the fact that it was too long to keep.
 enum RawLine {
-    Text(Vec<u8>),
+    Text(Bytes),
     TooLong,
 }
 
@@ -266,27 +266,35 @@ async fn read_lines(
                 Bytes::new()
             }
         };
-        let mut rest: &[u8] = &chunk;
+        let mut start = 0usize;
         loop {
-            let nl = rest.iter().position(|&b| b == b'\n');
-            let (piece, complete) = match nl {
-                Some(i) => (&rest[..i], true),
-                None if ended => (rest, !buf.is_empty() || !rest.is_empty()),
-                None => (rest, false),
-            };
-            if !skipping_long_line {
-                if buf.len() + piece.len() > LINE_BYTES_LIMIT {
+            let nl = memchr::memchr(b'\n', &chunk[start..]).map(|i| start + i);
+            let end = nl.unwrap_or(chunk.len());
+            let complete = nl.is_some() || (ended && !buf.is_empty());
+            // A line wholly inside this chunk is a zero-copy slice of it; only a line that
+            // spans chunks is assembled in `buf`.
+            let text = if !skipping_long_line && buf.is_empty() && nl.is_some() {
+                if end - start > LINE_BYTES_LIMIT {
                     skipping_long_line = true;
-                    buf = Vec::new();
+                    Bytes::new()
                 } else {
-                    buf.extend_from_slice(piece);
+                    chunk.slice(start..end)
                 }
-            }
-            if !complete {
-                break;
-            }
+            } else {
+                if !skipping_long_line {
+                    if buf.len() + (end - start) > LINE_BYTES_LIMIT {
+                        skipping_long_line = true;
+                        buf = Vec::new();
+                    } else {
+                        buf.extend_from_slice(&chunk[start..end]);
+                    }
+                }
+                if !complete {
+                    break;
+                }
+                Bytes::from(std::mem::take(&mut buf))
+            };
             line_no += 1;
-            let text = std::mem::take(&mut buf);
             if skipping_long_line {
                 skipping_long_line = false;
                 group.push((line_no, RawLine::TooLong));
@@ -299,7 +307,7 @@ async fn read_lines(
                 group_bytes = 0;
             }
             match nl {
-                Some(i) => rest = &rest[i + 1..],
+                Some(i) => start = i + 1,
                 None => break,
             }
         }
@@ -349,6 +357,29 @@ fn parse_line(text: &[u8]) -> Option<Result<DocumentInput, EngineError>> {
     )
 }
 
+/// One status line (a typed struct: no map allocation per key and line).
+#[derive(serde::Serialize)]
+struct StatusLine<'a> {
+    line: u64,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    document_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+}
+
+fn push_line(out: &mut Vec<u8>, l: &StatusLine) {
+    // Serialising plain fields into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, l);
+    out.push(b'\n');
+}
+
 /// The status lines of one committed group (or of a group that failed whole, e.g. because
 /// the library was deleted mid-stream).
 fn reply_lines(
@@ -356,12 +387,24 @@ fn reply_lines(
     result: Result<Vec<ItemOutcome>, EngineError>,
     totals: &mut Totals,
 ) -> Bytes {
-    let mut out = Vec::with_capacity(numbers.len() * 64);
+    let mut out = Vec::with_capacity(numbers.len() * 80);
+    let failed = |line: u64, code: &str, detail: &str, out: &mut Vec<u8>| {
+        let l = StatusLine {
+            line,
+            ok: false,
+            document_id: None,
+            created: None,
+            seq: None,
+            error: Some(code),
+            detail: Some(detail),
+        };
+        push_line(out, &l);
+    };
     match result {
         Ok(outcomes) => {
-            for (n, o) in numbers.iter().zip(outcomes) {
+            for (&n, o) in numbers.iter().zip(&outcomes) {
                 totals.lines += 1;
-                let v = match o {
+                match o {
                     ItemOutcome::Committed {
                         document_id,
                         created,
@@ -369,27 +412,33 @@ fn reply_lines(
                         ..
                     } => {
                         totals.committed += 1;
-                        totals.first_seq.get_or_insert(seq);
-                        totals.last_seq = Some(seq);
-                        json!({"line": n, "ok": true, "document_id": document_id, "created": created, "seq": seq})
+                        totals.first_seq.get_or_insert(*seq);
+                        totals.last_seq = Some(*seq);
+                        let l = StatusLine {
+                            line: n,
+                            ok: true,
+                            document_id: Some(document_id),
+                            created: Some(*created),
+                            seq: Some(*seq),
+                            error: None,
+                            detail: None,
+                        };
+                        push_line(&mut out, &l);
                     }
                     ItemOutcome::Failed(e) => {
                         totals.failed += 1;
-                        let e = ApiError::from(e);
-                        json!({"line": n, "ok": false, "error": e.code, "detail": e.detail})
+                        let (_, code, detail) = ApiError::parts(e);
+                        failed(n, &code, &detail, &mut out);
                     }
-                };
-                out.extend_from_slice(&line(&v));
+                }
             }
         }
         Err(e) => {
-            let e = ApiError::from(e);
-            for n in numbers {
+            let (_, code, detail) = ApiError::parts(&e);
+            for &n in numbers {
                 totals.lines += 1;
                 totals.failed += 1;
-                out.extend_from_slice(&line(
-                    &json!({"line": n, "ok": false, "error": e.code, "detail": e.detail}),
-                ));
+                failed(n, &code, &detail, &mut out);
             }
         }
     }

@@ -399,3 +399,35 @@ async fn streamed_search_matches_search_and_allows_large_k() {
         .await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
 }
+
+/// Lines split across body chunks at every possible place still parse as the same lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_split_across_chunks() {
+    let s = start().await;
+    s.library("docs", 2).await;
+    let mut body = String::new();
+    for i in 0..40 {
+        body.push_str(&format!(
+            "{{\"id\":\"d{i}\",\"title\":\"t{i}\",\"chunks\":[{{\"embedding\":[{i},1]}}]}}\n"
+        ));
+        if i % 10 == 0 {
+            body.push('\n');
+        }
+    }
+    body.push_str("{\"id\":\"last\",\"chunks\":[{\"embedding\":[1,1]}]}");
+    let bytes = body.into_bytes();
+    for piece in [1usize, 7, 50, 4096] {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            bytes.chunks(piece).map(|c| Ok(c.to_vec())).collect();
+        let replies = s
+            .ndjson_post(
+                "/v1/libraries/docs/documents/stream",
+                reqwest::Body::wrap_stream(futures::stream::iter(chunks)),
+            )
+            .await;
+        let summary = &replies.last().unwrap()["summary"];
+        assert_eq!(summary["committed"], 41, "pieces of {piece} bytes");
+        assert_eq!(summary["failed"], 0, "pieces of {piece} bytes: {replies:?}");
+        assert_eq!(replies[replies.len() - 2]["document_id"], "last");
+    }
+}
