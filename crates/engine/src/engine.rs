@@ -132,8 +132,10 @@ pub struct Engine {
     snapshot_lock: Mutex<()>,
     last_snapshot_seq: AtomicU64,
     /// Size of the last snapshot file and the log's written bytes when it was taken: the
-    /// next snapshot waits until the log has grown by half a snapshot, so rewriting the whole
-    /// state costs amortised O(1) per byte ingested, not O(state) every N records.
+    /// next snapshot waits until the log has grown by as much as the last snapshot, so
+    /// snapshots never write more than the log itself (amortised O(1) per byte ingested, not
+    /// O(state) every N records), and replay after a crash reads at most about one state's
+    /// worth of log.
     last_snapshot_size_bytes: AtomicU64,
     log_bytes_at_snapshot: AtomicU64,
     stop: AtomicBool,
@@ -1088,8 +1090,8 @@ fn snapshot_loop(engine: std::sync::Weak<Engine>) {
             .stats()
             .written_bytes
             .saturating_sub(e.log_bytes_at_snapshot.load(Ordering::Acquire));
-        let half_snapshot_bytes = e.last_snapshot_size_bytes.load(Ordering::Acquire) / 2;
-        if behind >= e.config.snapshot_every_records && log_grown_bytes >= half_snapshot_bytes {
+        let last_snapshot_bytes = e.last_snapshot_size_bytes.load(Ordering::Acquire);
+        if behind >= e.config.snapshot_every_records && log_grown_bytes >= last_snapshot_bytes {
             if let Err(err) = e.snapshot() {
                 tracing::error!("snapshot failed: {err}");
             }
