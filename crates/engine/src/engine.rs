@@ -842,26 +842,7 @@ impl Engine {
             Some(l) => Some(self.library_for_write(l)?.id),
             None => None,
         };
-        let event_type = event_type.to_string();
-        self.commit(
-            ctx,
-            |cat, _| {
-                if let Some(id) = &library_id {
-                    if cat.shard(id).is_none() {
-                        return Err(EngineError::not_found("library", id.clone()));
-                    }
-                }
-                Ok((
-                    vec![Change::AppEvent {
-                        event_type,
-                        library_id,
-                        data,
-                    }],
-                    (),
-                ))
-            },
-            |_, (), _| (),
-        )
+        self.commit_event(ctx, event_type.to_string(), library_id, data, true)
     }
 
     /// Appends an event of a system type (e.g. `batch.started`) on behalf of a Quiver feature.
@@ -878,10 +859,28 @@ impl Engine {
                 .any(|p| event_type.starts_with(p)),
             "system types are reserved"
         );
-        let event_type = event_type.to_string();
+        self.commit_event(ctx, event_type.to_string(), library_id, data, false)
+    }
+
+    /// Appends one event record. With `library_must_exist`, the library is checked under the
+    /// write lock (application events); system events about a library may outlive it (an
+    /// upload whose library was deleted mid-stream still reports how it ended).
+    fn commit_event(
+        &self,
+        ctx: &WriteCtx,
+        event_type: String,
+        library_id: Option<String>,
+        data: serde_json::Value,
+        library_must_exist: bool,
+    ) -> Result<Committed<()>> {
         self.commit(
             ctx,
-            |_, _| {
+            |cat, _| {
+                if let (true, Some(id)) = (library_must_exist, &library_id) {
+                    if cat.shard(id).is_none() {
+                        return Err(EngineError::not_found("library", id.clone()));
+                    }
+                }
                 Ok((
                     vec![Change::AppEvent {
                         event_type,
