@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// Roll log segments at this size, in bytes.
     #[arg(long, env = "QUIVER_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     segment_bytes: u64,
+    /// Append a `search.performed` event (query, k, results_count, duration_ms) for every
+    /// search. Telemetry, not a change: off unless asked for.
+    #[arg(long, env = "QUIVER_EMIT_SEARCH_EVENTS")]
+    emit_search_events: bool,
 }
 
 /// Logging goes to stderr (`QUIVER_LOG=debug` for more). Only the server logs: client
@@ -53,6 +57,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.retention = args.retain_events;
     config.snapshot_every_records = args.snapshot_every.max(1);
     config.segment_size_bytes_limit = args.segment_bytes;
+    config.emit_search_events = args.emit_search_events;
     let engine = Engine::open(config)
         .with_context(|| format!("cannot open the data directory {}", args.data_dir.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()

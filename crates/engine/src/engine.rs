@@ -43,6 +43,8 @@ pub struct EngineConfig {
     /// Take a snapshot once this many records were applied since the last one.
     pub snapshot_every_records: u64,
     pub segment_size_bytes_limit: u64,
+    /// Append a `search.performed` event for every search (telemetry, so off by default).
+    pub emit_search_events: bool,
 }
 
 impl EngineConfig {
@@ -56,6 +58,7 @@ impl EngineConfig {
             },
             snapshot_every_records: 50_000,
             segment_size_bytes_limit: 64 * 1024 * 1024,
+            emit_search_events: false,
         }
     }
 }
@@ -917,6 +920,7 @@ impl Engine {
         req: &SearchInput,
         k_limit: usize,
     ) -> Result<(Vec<Hit>, Seq)> {
+        let started = Instant::now();
         if req.k == 0 || req.k > k_limit {
             return Err(EngineError::invalid(
                 "invalid_k",
@@ -1000,6 +1004,27 @@ impl Engine {
                         .cmp(&b.document.chunks[b.chunk_index].id)
                 })
         });
+        if self.config.emit_search_events {
+            // The library's read lock must be released before appending: the write path
+            // takes the write lock first and then library locks.
+            drop(st);
+            let ctx = WriteCtx {
+                trace_id: None,
+                source: Some("search".into()),
+            };
+            let data = serde_json::json!({
+                "query": req.query,
+                "k": req.k,
+                "results_count": hits.len(),
+                "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+            });
+            // Telemetry: never fail or slow a search for it (no wait for durability).
+            if let Err(e) =
+                self.append_system_event(&ctx, "search.performed", Some(lib.id.clone()), data)
+            {
+                tracing::warn!("search.performed was not recorded: {e}");
+            }
+        }
         Ok((hits, seq))
     }
 

@@ -793,3 +793,60 @@ async fn everything_survives_a_restart() {
         before["seq"].as_u64().unwrap() + 1
     );
 }
+
+/// `search.performed` is opt-in: off by default, and with the flag every search leaves an
+/// event with its query, k, result count and duration.
+#[tokio::test]
+async fn search_events_are_opt_in() {
+    for emit in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EngineConfig::new(dir.path());
+        config.emit_search_events = emit;
+        let engine = Engine::open(config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(quiver_server::serve(
+            listener,
+            engine.clone(),
+            std::future::pending(),
+        ));
+        let c = Client::new();
+        c.post(format!("{base}/v1/libraries"))
+            .json(&json!({"name": "d", "dimension": 2}))
+            .send()
+            .await
+            .unwrap();
+        c.post(format!("{base}/v1/libraries/d/documents"))
+            .json(&json!({"chunks": [{"embedding": [1, 0]}]}))
+            .send()
+            .await
+            .unwrap();
+        let r = c
+            .post(format!("{base}/v1/libraries/d/search"))
+            .json(&json!({"embedding": [1, 1], "k": 3}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let v: Value = c
+            .get(format!(
+                "{base}/v1/events?from_seq=1&types=search.*&wait_ms=2000"
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let events = v["events"].as_array().unwrap();
+        if emit {
+            assert_eq!(events.len(), 1, "{v}");
+            assert_eq!(events[0]["type"], "search.performed");
+            assert_eq!(events[0]["data"]["k"], 3);
+            assert_eq!(events[0]["data"]["results_count"], 1);
+            assert!(events[0]["data"]["duration_ms"].as_f64().is_some());
+        } else {
+            assert!(events.is_empty(), "{v}");
+        }
+    }
+}
