@@ -2,6 +2,8 @@
 //! of the v1 contract (health, libraries, documents, chunks, batch, search) is exercised,
 //! with its error paths, through reqwest.
 
+mod common;
+
 use quiver_engine::{Engine, EngineConfig};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
@@ -802,14 +804,7 @@ async fn search_events_are_opt_in() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = EngineConfig::new(dir.path());
         config.emit_search_events = emit;
-        let engine = Engine::open(config).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(quiver_server::serve(
-            listener,
-            engine.clone(),
-            std::future::pending(),
-        ));
+        let (base, _engine) = common::spawn(config).await;
         let c = Client::new();
         c.post(format!("{base}/v1/libraries"))
             .json(&json!({"name": "d", "dimension": 2}))

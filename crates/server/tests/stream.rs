@@ -1,6 +1,8 @@
 //! NDJSON streaming over real HTTP: ingest with bad lines, memory that stays flat however
 //! large the upload, export consistent at one seq, export → import round trip, streamed search.
 
+mod common;
+
 use quiver_engine::{Engine, EngineConfig};
 use quiver_model::record::Change;
 use quiver_model::Record;
@@ -17,14 +19,7 @@ struct Server {
 
 async fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(EngineConfig::new(dir.path())).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(quiver_server::serve(
-        listener,
-        engine.clone(),
-        std::future::pending(),
-    ));
+    let (base, engine) = common::spawn(EngineConfig::new(dir.path())).await;
     Server {
         base,
         client: Client::new(),

@@ -2,7 +2,9 @@
 //! process): resident memory is per process, and other tests would disturb the reading.
 
 use futures::StreamExt;
-use quiver_engine::{Engine, EngineConfig};
+mod common;
+
+use quiver_engine::EngineConfig;
 use serde_json::{json, Value};
 
 fn vm_rss_kib() -> u64 {
@@ -22,14 +24,7 @@ fn vm_rss_kib() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_flat_for_a_large_upload() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(EngineConfig::new(dir.path())).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(quiver_server::serve(
-        listener,
-        engine.clone(),
-        std::future::pending(),
-    ));
+    let (base, _engine) = common::spawn(EngineConfig::new(dir.path())).await;
     let client = reqwest::Client::new();
     let r = client
         .post(format!("{base}/v1/libraries"))

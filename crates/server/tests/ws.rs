@@ -4,7 +4,9 @@
 //! client that does not slow another.
 
 use futures::{SinkExt, StreamExt};
-use quiver_engine::{Engine, EngineConfig};
+mod common;
+
+use quiver_engine::EngineConfig;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -19,14 +21,8 @@ struct Server {
 
 async fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(EngineConfig::new(dir.path())).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(quiver_server::serve(
-        listener,
-        engine,
-        std::future::pending(),
-    ));
+    let (base, _engine) = common::spawn(EngineConfig::new(dir.path())).await;
+    let addr = base.trim_start_matches("http://").to_string();
     let r = reqwest::Client::new()
         .post(format!("http://{addr}/v1/libraries"))
         .json(&json!({"name": "docs", "dimension": 2, "metric": "l2"}))

@@ -55,6 +55,13 @@ pub struct IngestArgs {
     /// NDJSON files (one document per line), text/Markdown files, or directories of them.
     #[arg(required = true, value_name = "FILE|DIR")]
     paths: Vec<PathBuf>,
+    #[command(flatten)]
+    opts: UploadOptions,
+}
+
+/// What `ingest` and `import` share: where to, how, and how to report.
+#[derive(clap::Args)]
+pub struct UploadOptions {
     /// Library id or name.
     #[arg(long, short)]
     library: String,
@@ -73,28 +80,15 @@ pub struct IngestArgs {
 pub struct ImportArgs {
     /// An NDJSON file, e.g. one written by `quiver export`.
     file: PathBuf,
-    /// Library id or name.
-    #[arg(long, short)]
-    library: String,
-    /// Send the file as requests of this many lines each (default: one request).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    batch_lines: Option<u64>,
-    /// How many failures the human report lists (`--json` lists them all).
-    #[arg(long, default_value_t = 20)]
-    show_failures: usize,
-    /// Progress reporting on stderr.
-    #[arg(long, value_enum, env = "QUIVER_PROGRESS", default_value = "auto")]
-    progress: Progress,
+    #[command(flatten)]
+    opts: UploadOptions,
 }
 
 impl From<ImportArgs> for IngestArgs {
     fn from(a: ImportArgs) -> Self {
         IngestArgs {
             paths: vec![a.file],
-            library: a.library,
-            batch_lines: a.batch_lines,
-            show_failures: a.show_failures,
-            progress: a.progress,
+            opts: a.opts,
         }
     }
 }
@@ -728,12 +722,22 @@ pub async fn run(client: &Client, args: IngestArgs) -> Result<ExitCode> {
     }
     // Resolve the library first: a clean "unknown library" error, and a stable id for every
     // request even if the library is renamed meanwhile.
-    let lib = client.get_json(&["v1", "libraries", &args.library]).await?;
+    let lib = client
+        .get_json(&["v1", "libraries", &args.opts.library])
+        .await?;
     let library_id = lib["id"]
         .as_str()
-        .ok_or_else(|| anyhow!("the server's answer for library {} has no id", args.library))?
+        .ok_or_else(|| {
+            anyhow!(
+                "the server's answer for library {} has no id",
+                args.opts.library
+            )
+        })?
         .to_string();
-    let library_name = lib["name"].as_str().unwrap_or(&args.library).to_string();
+    let library_name = lib["name"]
+        .as_str()
+        .unwrap_or(&args.opts.library)
+        .to_string();
 
     let total: u64 = sources
         .iter()
@@ -742,7 +746,7 @@ pub async fn run(client: &Client, args: IngestArgs) -> Result<ExitCode> {
             Source::Texts { files } => files.iter().map(|f| f.size).sum(),
         })
         .sum();
-    let pb = progress_bar(args.progress, client.quiet, total);
+    let pb = progress_bar(args.opts.progress, client.quiet, total);
     let started = Instant::now();
     let mut run = Run {
         client,
@@ -755,7 +759,7 @@ pub async fn run(client: &Client, args: IngestArgs) -> Result<ExitCode> {
             failed: 0,
         },
     };
-    let outcome = run.ingest_all(sources, args.batch_lines).await;
+    let outcome = run.ingest_all(sources, args.opts.batch_lines).await;
     pb.finish_and_clear();
     outcome?;
     let report = run.report;
@@ -782,7 +786,7 @@ pub async fn run(client: &Client, args: IngestArgs) -> Result<ExitCode> {
             &library_name,
             duration_ms,
             skipped,
-            args.show_failures,
+            args.opts.show_failures,
         )?;
     }
     Ok(if report.failed > 0 {
