@@ -71,6 +71,14 @@ pub fn id(kind: &str, id: &str) -> Result<(), Invalid> {
             format!("{kind} id must be 1 to {ID_BYTES_LIMIT} bytes"),
         ));
     }
+    // `batch` and `stream` are route names under `/documents/`; a document so named could not
+    // be read back by id, so it is refused up front rather than silently unreachable.
+    if kind == "document" && matches!(id, "batch" | "stream") {
+        return Err(Invalid::new(
+            "reserved_id",
+            format!("document id {id:?} is reserved (it names a route under /documents/)"),
+        ));
+    }
     if !id
         .bytes()
         .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'?' && b != b'#')

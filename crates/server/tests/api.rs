@@ -352,6 +352,11 @@ async fn documents_upsert_read_page_delete() {
             "invalid_id",
         ),
         (
+            json!({"id": "batch", "title": "x"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "reserved_id",
+        ),
+        (
             json!({"title": "x", "chunks": [{"id": "c", "embedding": [1, 0, 0]}, {"id": "c", "embedding": [1, 0, 0]}]}),
             StatusCode::UNPROCESSABLE_ENTITY,
             "duplicate_chunk_id",
