@@ -797,8 +797,27 @@ async fn slow_subscriber_never_blocks_writers_and_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_subscribers_all_receive_everything() {
-    let s = start().await;
     const CLIENTS: usize = 1000;
+    // Each client is two sockets in this process (its end and the server's): make sure the
+    // descriptor limit allows it, raising the soft limit towards the hard one if needed.
+    let want_fds = (2 * CLIENTS + 256) as libc::rlim_t;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain libc calls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < want_fds {
+            limit.rlim_cur = want_fds.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    assert!(
+        limit.rlim_cur >= want_fds,
+        "this test needs {want_fds} file descriptors; the hard limit is {} (raise `ulimit -Hn`)",
+        limit.rlim_max
+    );
+    let s = start().await;
     const EVENTS: usize = 20;
     let mut clients = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
