@@ -47,13 +47,8 @@ pub fn event_of(seq: Seq, record: &Record) -> Event {
     }
 }
 
-/// The event type of a change, without building its data (for cheap filtering).
-pub fn type_of(change: &Change) -> &str {
-    change.event_type()
-}
-
 fn type_and_data(change: &Change) -> (String, Value) {
-    let event_type = type_of(change).to_string();
+    let event_type = change.event_type().to_string();
     let data = match change {
         Change::LibraryCreated(l) => json!({
             "library_id": l.id,
@@ -315,7 +310,7 @@ mod tests {
             let event = event_of(7, &record);
             assert_eq!(event.event_type, event_type);
             assert_eq!(event.data, data, "{event_type}");
-            assert_eq!(type_of(&record.change), event_type);
+            assert_eq!(record.change.event_type(), event_type);
             let envelope: Value = serde_json::from_slice(&event.envelope_bytes()).unwrap();
             assert_eq!(envelope, event.envelope_json());
             assert_eq!(envelope["seq"], 7);

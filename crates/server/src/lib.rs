@@ -8,6 +8,7 @@
 //! Layout:
 //! - [`routes`] — one handler per route of the contract.
 //! - [`stream`] — NDJSON ingest, export and streamed search.
+//! - [`slots`] — bounds on long-lived work (WebSocket sessions, NDJSON uploads).
 //! - [`ws`] — WebSocket sessions: requests and live events on one socket.
 //! - [`extract`] — JSON bodies with JSON errors; the write context (trace id, source).
 //! - [`render`] — how libraries, documents and hits look on the wire.
@@ -19,6 +20,7 @@ pub mod events;
 pub mod extract;
 pub mod render;
 pub mod routes;
+pub mod slots;
 pub mod stream;
 pub mod ws;
 

@@ -14,6 +14,7 @@
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{parse_json, ApiBytes, Ctx};
 use crate::render;
+use crate::slots::Slots;
 use crate::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -37,6 +38,10 @@ pub const BATCH_BYTES_LIMIT: usize = 4 * 1024 * 1024;
 pub const REPLY_CHUNKS_LIMIT: usize = 8;
 /// When the body pauses this long, the lines in hand are committed without waiting for more.
 const IDLE_FLUSH: Duration = Duration::from_millis(5);
+/// Most NDJSON uploads in progress at once (the handler returns before the upload ends, so
+/// the request concurrency limit does not bound them).
+pub const INGEST_STREAMS_LIMIT: usize = 64;
+static INGEST_STREAMS: Slots = Slots::new(INGEST_STREAMS_LIMIT);
 /// Largest `k` for streamed search.
 pub const STREAM_K_LIMIT: usize = 10_000;
 
@@ -85,9 +90,17 @@ pub async fn ingest(
 ) -> ApiResult<Response> {
     let (info, _) = s.engine.library(&lib)?;
     let library_id = info.library.id.clone();
+    let slot = INGEST_STREAMS.try_acquire().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_uploads",
+            format!("{INGEST_STREAMS_LIMIT} NDJSON uploads are already in progress; retry shortly"),
+        )
+    })?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(REPLY_CHUNKS_LIMIT);
     let engine = s.engine.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let started = Instant::now();
         let start = engine.append_system_event(
             &ctx,

@@ -18,6 +18,7 @@
 use crate::bus::{BusError, EventFilter, SubscriberKind};
 use crate::error::ApiError;
 use crate::render;
+use crate::slots::{Slot, Slots};
 use crate::AppState;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
@@ -28,7 +29,6 @@ use quiver_engine::input::{DocumentInput, SearchInput};
 use quiver_engine::{EngineError, WriteCtx};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -44,27 +44,7 @@ pub const WS_SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const WS_PING_INTERVAL: Duration = Duration::from_secs(20);
 pub const WS_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-static OPEN_SESSIONS: AtomicUsize = AtomicUsize::new(0);
-
-/// One open session, counted until dropped.
-struct SessionSlot;
-
-impl SessionSlot {
-    fn acquire() -> Option<SessionSlot> {
-        let prev = OPEN_SESSIONS.fetch_add(1, Ordering::AcqRel);
-        if prev >= WS_CONNECTIONS_LIMIT {
-            OPEN_SESSIONS.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(SessionSlot)
-    }
-}
-
-impl Drop for SessionSlot {
-    fn drop(&mut self) {
-        OPEN_SESSIONS.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+static SESSIONS: Slots = Slots::new(WS_CONNECTIONS_LIMIT);
 
 pub async fn upgrade(
     State(s): State<AppState>,
@@ -83,7 +63,7 @@ pub async fn upgrade(
                 .into_response()
         }
     };
-    let Some(slot) = SessionSlot::acquire() else {
+    let Some(slot) = SESSIONS.try_acquire() else {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
@@ -103,7 +83,7 @@ fn close(code: u16, reason: &str) -> Message {
     }))
 }
 
-async fn session(s: AppState, library_id: String, socket: WebSocket, _slot: SessionSlot) {
+async fn session(s: AppState, library_id: String, socket: WebSocket, _slot: Slot) {
     let (mut sink, mut stream) = socket.split();
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(WS_OUTBOUND_MESSAGES_LIMIT);
     let mut writer = tokio::spawn(async move {
