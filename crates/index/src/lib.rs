@@ -1,4 +1,4 @@
-//! # quiver-index — exact nearest-neighbour search over dense `f32` vectors
+//! # quiver-index — exact and approximate nearest-neighbour search over dense `f32` vectors
 //!
 //! This crate owns the in-memory vector index of Quiver: how vectors are laid out in memory,
 //! how the distance between two vectors is computed (and how fast), and how the `k` nearest
@@ -17,6 +17,10 @@
 //!   AVX2+FMA version picked once at run time.
 //! - [`topk`] — [`TopK`], the bounded max-heap that keeps the `k` smallest distances.
 //! - [`flat`] — [`FlatIndex`], contiguous row-major storage with a fused, exact scan.
+//! - [`hnsw`] — [`HnswIndex`], an HNSW graph: filters applied during traversal with a planner
+//!   that falls back to an exact scan for selective filters, tombstone deletes with row reuse,
+//!   optional int8 codes with rescoring on the caller's originals, a checksummed binary format.
+//! - [`sq8`] — [`Sq8`], per-dimension int8 scalar quantization and its `u8 × f32` kernel.
 //!
 //! Distance convention (always ascending = closer first):
 //! - [`Metric::Cosine`]: `1 − dot(q̂, v)`; stored vectors are L2-normalised by the caller, the
@@ -25,10 +29,16 @@
 //! - [`Metric::L2`]: Euclidean distance `sqrt(l2_squared(q, v))`, compared squared internally.
 
 pub mod flat;
+pub mod hnsw;
 pub mod kernels;
+pub mod sq8;
 pub mod topk;
 
 pub use flat::{FlatIndex, ROW_LIMIT};
+pub use hnsw::{
+    HnswIndex, HnswParams, IndexFormatError, Plan, Quantization, VectorSource, EF_LIMIT, M_LIMIT,
+};
+pub use sq8::Sq8;
 pub use topk::{TopK, TOPK_LIMIT};
 
 /// The largest vector dimension any index accepts. Bounds the per-query scratch (one query

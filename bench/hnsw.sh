@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Single-threaded HNSW benchmark: quiver HnswIndex vs hnswlib vs faiss IndexHNSWFlat.
+#
+#   bash bench/hnsw.sh [flags for hnsw_peers.py, e.g. --dataset sift1m --engines quiver,hnswlib]
+#
+# Creates bench/.venv with numpy, hnswlib and faiss-cpu (PyPI) if missing, builds the Rust
+# example in release mode, generates the dataset once under bench/data/ (gitignored), then
+# runs every engine in one process run. Honours CARGO_TARGET_DIR.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PYTHON=bench/.venv/bin/python
+if [ ! -x "$PYTHON" ]; then
+    python3 -m venv bench/.venv
+fi
+if ! "$PYTHON" -c 'import faiss, hnswlib, numpy' 2>/dev/null; then
+    "$PYTHON" -m pip install --quiet numpy hnswlib faiss-cpu
+fi
+
+cargo build --release -p quiver-index --example hnsw_bench
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+BINARY="$TARGET_DIR/release/examples/hnsw_bench"
+
+OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$PYTHON" bench/hnsw_peers.py --binary "$BINARY" "$@"

@@ -1,0 +1,156 @@
+//! `hnsw_bench`: builds an `HnswIndex` from raw files and sweeps `ef`, single-threaded.
+//!
+//! This example owns only the Rust half of `bench/hnsw.sh`: it loads base and query files of
+//! little-endian `f32` rows and a ground-truth file of little-endian `u32` ids (`k` per query,
+//! written by `bench/hnsw_peers.py`), inserts the base rows with ids `0..rows` one at a time
+//! (timed: the build), round-trips the index through `write_to`/`read_from` (timed), prints
+//! one JSON line (build, memory, persistence), then serves sweeps: for each stdin line
+//! `ef N` it runs every query once, one at a time, and prints `{ef, recall, qps}` as a JSON
+//! line, so the Python side can interleave engines query pass by query pass.
+//!
+//! It must never print anything else on stdout (the JSON is parsed) and never use more than
+//! one thread: the benchmark compares single-threaded build and search.
+//!
+//! Usage: `hnsw_bench --base F --queries F --truth F --dimension N --metric cosine|l2
+//!         [--k 10] [--m 16] [--ef-construction 200] [--int8 OVERSAMPLING] [--no-rescore]`
+
+use quiver_index::{HnswIndex, HnswParams, Metric, Quantization, VectorSource};
+use std::io::{BufRead, Write};
+use std::time::Instant;
+
+struct Rows {
+    data: Vec<f32>,
+    dimension: usize,
+}
+
+impl VectorSource for Rows {
+    fn vector(&self, id: u64) -> Option<&[f32]> {
+        let start = (id as usize).checked_mul(self.dimension)?;
+        self.data.get(start..start + self.dimension)
+    }
+}
+
+fn read_f32(path: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn read_u32(path: &str) -> Vec<u32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn main() {
+    let mut flags = std::collections::HashMap::new();
+    let mut switches = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == "--no-rescore" {
+            switches.push(flag);
+            continue;
+        }
+        let value = args
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a value"));
+        flags.insert(flag, value);
+    }
+    let get = |name: &str| flags.get(name).cloned();
+    let required = |name: &str| get(name).unwrap_or_else(|| panic!("{name} is required"));
+    let dimension: usize = required("--dimension").parse().expect("--dimension");
+    let metric = match required("--metric").as_str() {
+        "cosine" => Metric::Cosine,
+        "l2" => Metric::L2,
+        "dot" => Metric::Dot,
+        other => panic!("unknown metric {other}"),
+    };
+    let k: usize = get("--k").map_or(10, |v| v.parse().expect("--k"));
+    let params = HnswParams {
+        m: get("--m").map_or(16, |v| v.parse().expect("--m")),
+        ef_construction: get("--ef-construction").map_or(200, |v| v.parse().expect("--efc")),
+        ef_search: 64,
+    };
+    let quantization = match get("--int8") {
+        Some(oversampling) => Quantization::Int8 {
+            rescore: !switches.iter().any(|s| s == "--no-rescore"),
+            oversampling: oversampling.parse().expect("--int8 oversampling"),
+        },
+        None => Quantization::None,
+    };
+
+    let base = Rows {
+        data: read_f32(&required("--base")),
+        dimension,
+    };
+    let queries = read_f32(&required("--queries"));
+    let truth = read_u32(&required("--truth"));
+    let rows = base.data.len() / dimension;
+    let query_count = queries.len() / dimension;
+    let truth_k = truth.len() / query_count;
+    assert!(
+        truth_k >= k,
+        "ground truth has {truth_k} per query, need {k}"
+    );
+
+    let mut index = HnswIndex::new(dimension, metric, params, quantization);
+    index.reserve(rows);
+    let started = Instant::now();
+    for (id, vector) in base.data.chunks_exact(dimension).enumerate() {
+        index.insert(id as u64, vector);
+    }
+    let build_seconds = started.elapsed().as_secs_f64();
+    let memory_bytes = index.memory_bytes();
+
+    // Persistence: serialise to memory and load back (what a start-up from a snapshot does,
+    // minus the disk), checking the loaded index answers like the built one.
+    let started = Instant::now();
+    let mut saved = Vec::new();
+    index.write_to(&mut saved).expect("write to memory");
+    let save_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let loaded = HnswIndex::read_from(&mut &saved[..]).expect("read back");
+    let load_seconds = started.elapsed().as_secs_f64();
+    let saved_bytes = saved.len();
+    drop(saved);
+    let probe = &queries[..dimension];
+    assert_eq!(
+        loaded.search(probe, k, None, None, None, Some(&base)),
+        index.search(probe, k, None, None, None, Some(&base))
+    );
+    drop(loaded);
+
+    println!(
+        "{{\"engine\":\"quiver\",\"backend\":\"{}\",\"rows\":{rows},\"build_seconds\":{build_seconds:.3},\"memory_bytes\":{memory_bytes},\"saved_bytes\":{saved_bytes},\"save_seconds\":{save_seconds:.3},\"load_seconds\":{load_seconds:.3},\"quantized\":{}}}",
+        quiver_index::kernels::backend().name(),
+        index.is_quantized(),
+    );
+    std::io::stdout().flush().expect("flush stdout");
+
+    // Serve sweeps: one line `ef N` in, one JSON line out (all queries once, one at a time).
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("read stdin");
+        let Some(ef) = line.strip_prefix("ef ") else {
+            break;
+        };
+        let ef: usize = ef.trim().parse().expect("ef N");
+        let started = Instant::now();
+        let mut hits = 0usize;
+        for (q, query) in queries.chunks_exact(dimension).enumerate() {
+            let found = index.search(query, k, Some(ef), None, None, Some(&base));
+            let want = &truth[q * truth_k..q * truth_k + k];
+            hits += found
+                .iter()
+                .filter(|(id, _)| want.contains(&(*id as u32)))
+                .count();
+        }
+        let qps = query_count as f64 / started.elapsed().as_secs_f64();
+        let recall = hits as f64 / (query_count * k) as f64;
+        println!("{{\"ef\":{ef},\"recall\":{recall:.5},\"qps\":{qps:.1}}}");
+        std::io::stdout().flush().expect("flush stdout");
+    }
+}
