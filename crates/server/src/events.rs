@@ -19,7 +19,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures::Stream;
 use quiver_engine::{EngineError, Seq};
 use quiver_model::time::parse_rfc3339_ms;
@@ -105,7 +105,11 @@ fn resolve_library(s: &AppState, library: Option<String>) -> ApiResult<Option<St
     }
 }
 
-fn filter_of(s: &AppState, types: Option<&str>, library: Option<String>) -> ApiResult<EventFilter> {
+pub(crate) fn filter_of(
+    s: &AppState,
+    types: Option<&str>,
+    library: Option<String>,
+) -> ApiResult<EventFilter> {
     let library_id = resolve_library(s, library)?;
     EventFilter::parse(types, library_id).map_err(|d| ApiError::bad_request("invalid_types", d))
 }
@@ -131,6 +135,10 @@ pub struct StreamQuery {
     from_seq: Option<Seq>,
     since: Option<String>,
     format: Option<String>,
+    /// Semantic subscription: comma-separated floats or base64 of f32 LE.
+    near_embedding: Option<String>,
+    near_query: Option<String>,
+    max_distance: Option<f32>,
 }
 
 pub async fn stream(
@@ -171,6 +179,13 @@ async fn open_stream(
     let format = Format::parse(q.format.as_deref())
         .map_err(|d| ApiError::bad_request("invalid_format", d))?;
     let filter = filter_of(s, q.types.as_deref(), q.library_id)?;
+    let near = crate::consumers::stream_near(
+        &s.engine,
+        filter.library_id.as_deref(),
+        q.near_embedding.as_deref(),
+        q.near_query,
+        q.max_distance,
+    )?;
     let last_event_id = match headers.get("last-event-id") {
         None => None,
         Some(v) => {
@@ -194,7 +209,8 @@ async fn open_stream(
         (None, None, None) => None,
     };
     let subscription = s.bus.subscribe(SubscriberKind::Sse, from_seq, filter)?;
-    let body = Sse::new(sse_events(subscription, format)).keep_alive(
+    let near = near.map(|n| (n, Arc::clone(s.bus.log())));
+    let body = Sse::new(sse_events(subscription, format, near)).keep_alive(
         KeepAlive::new()
             .interval(Duration::from_millis(SSE_HEARTBEAT_INTERVAL_MS))
             .text("heartbeat"),
@@ -217,32 +233,58 @@ enum SseState {
 fn sse_events(
     subscription: Subscription,
     format: Format,
+    near: Option<(Arc<quiver_consumers::NearSpec>, Arc<quiver_log::FileLog>)>,
 ) -> impl Stream<Item = Result<sse::Event, Infallible>> {
-    futures::stream::unfold(SseState::Start(subscription), move |state| async move {
-        match state {
-            SseState::Done => None,
-            SseState::Start(sub) => {
-                let hint = sse::Event::default().retry(Duration::from_millis(SSE_RETRY_MS));
-                Some((Ok(hint), SseState::Live(sub)))
+    futures::stream::unfold(SseState::Start(subscription), move |state| {
+        let near = near.clone();
+        async move {
+            match state {
+                SseState::Done => None,
+                SseState::Start(sub) => {
+                    let hint = sse::Event::default().retry(Duration::from_millis(SSE_RETRY_MS));
+                    Some((Ok(hint), SseState::Live(sub)))
+                }
+                SseState::Live(mut sub) => loop {
+                    break match sub.next().await {
+                        Ok(Some(frame)) => {
+                            let event = match &near {
+                                None => sse_frame(&frame, format),
+                                // A semantic subscription: only events with a chunk within distance.
+                                Some((spec, log)) => {
+                                    match crate::consumers::near_check_frame(log, spec, &frame)
+                                        .await
+                                    {
+                                        None => continue,
+                                        Some(m) if format == Format::Envelope => {
+                                            sse::Event::default()
+                                                .id(frame.seq.to_string())
+                                                .event(frame.event_type())
+                                                .data(crate::consumers::with_members(
+                                                    &frame.json,
+                                                    &[("near", m.json())],
+                                                ))
+                                        }
+                                        Some(_) => sse_frame(&frame, format),
+                                    }
+                                }
+                            };
+                            sub.delivered(&frame);
+                            Some((Ok(event), SseState::Live(sub)))
+                        }
+                        Ok(None) => None,
+                        Err(e) => {
+                            // Headers are gone: say why in-band, then end the stream.
+                            let mut body = json!({"error": "stream_failed", "detail": e.to_string(), "position": sub.position()});
+                            if let BusError::Expired { first_seq, .. } = e {
+                                body["error"] = json!("events_expired");
+                                body["first_seq"] = json!(first_seq);
+                            }
+                            let event = sse::Event::default().event("error").data(body.to_string());
+                            Some((Ok(event), SseState::Done))
+                        }
+                    };
+                },
             }
-            SseState::Live(mut sub) => match sub.next().await {
-                Ok(Some(frame)) => {
-                    let event = sse_frame(&frame, format);
-                    sub.delivered(&frame);
-                    Some((Ok(event), SseState::Live(sub)))
-                }
-                Ok(None) => None,
-                Err(e) => {
-                    // Headers are gone: say why in-band, then end the stream.
-                    let mut body = json!({"error": "stream_failed", "detail": e.to_string(), "position": sub.position()});
-                    if let BusError::Expired { first_seq, .. } = e {
-                        body["error"] = json!("events_expired");
-                        body["first_seq"] = json!(first_seq);
-                    }
-                    let event = sse::Event::default().event("error").data(body.to_string());
-                    Some((Ok(event), SseState::Done))
-                }
-            },
         }
     })
 }
@@ -467,8 +509,18 @@ fn stats_json(stats: &BusStats) -> Value {
     })
 }
 
-pub async fn statistics(State(s): State<AppState>) -> Json<Value> {
-    Json(stats_json(&s.bus.stats()))
+pub async fn statistics(
+    State(s): State<AppState>,
+    consumers: Option<Extension<Arc<crate::consumers::Service>>>,
+) -> Json<Value> {
+    let stats = s.bus.stats();
+    let mut body = stats_json(&stats);
+    if let Some(Extension(svc)) = consumers {
+        body["consumers"] = crate::consumers::consumers_stats_json(&svc, stats.last_seq);
+        body["consumer_count"] = json!(svc.registry.list().len());
+        body["library_statistics"] = crate::consumers::library_stats_json(&svc);
+    }
+    Json(body)
 }
 
 // ------------------------------------------------------------------ metrics
@@ -489,7 +541,10 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl std:
 }
 
 /// `GET /metrics`: Prometheus text exposition format 0.0.4.
-pub async fn metrics(State(s): State<AppState>) -> Response {
+pub async fn metrics(
+    State(s): State<AppState>,
+    consumers: Option<Extension<Arc<crate::consumers::Service>>>,
+) -> Response {
     let stats = s.bus.stats();
     let engine = s.engine.stats();
     let log = s.engine.log().stats();
@@ -654,6 +709,9 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
         "Seconds since the engine opened.",
         s.engine.started_at.elapsed().as_secs(),
     );
+    if let Some(Extension(svc)) = consumers {
+        crate::consumers::write_metrics(&mut out, &svc, stats.last_seq);
+    }
     (
         [(
             header::CONTENT_TYPE,

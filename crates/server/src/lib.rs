@@ -10,11 +10,13 @@
 //! - [`stream`] — NDJSON ingest, export and streamed search.
 //! - [`slots`] — bounds on long-lived work (WebSocket sessions, NDJSON uploads).
 //! - [`ws`] — WebSocket sessions: requests and live events on one socket.
+//! - [`consumers`] — durable consumer groups, projections, semantic (`near`) subscriptions.
 //! - [`extract`] — JSON bodies with JSON errors; the write context (trace id, source).
 //! - [`render`] — how libraries, documents and hits look on the wire.
 //! - [`error`] — `ApiError` and the mapping from engine errors to statuses.
 
 pub mod bus;
+pub mod consumers;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -52,6 +54,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
 /// The router over an engine and an already started event bus (so the caller can stop the
 /// bus at shutdown: SSE streams never end by themselves).
 pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
+    let consumers = consumers::Service::start(&engine, &bus);
     let state = AppState { bus, engine };
     Router::new()
         .route("/health", get(routes::health))
@@ -93,6 +96,8 @@ pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
         .route("/v1/libraries/{id}/search/stream", post(stream::search))
         .route("/v1/libraries/{id}/ws", get(ws::upgrade))
         .merge(events::router())
+        .merge(consumers::router())
+        .layer(axum::Extension(consumers))
         .fallback(routes::not_found)
         .layer(middleware::from_fn(trace_layer))
         .layer(DefaultBodyLimit::max(
