@@ -490,11 +490,22 @@ impl Inner {
 
     /// With nobody on the live tail, the tailer only counts: it reads each record's type from
     /// its header and renders nothing (a subscriber that arrives later reads the log itself).
-    fn skim_page_blocking(&self, from: Seq) -> Result<Option<Seq>, BusError> {
+    ///
+    /// It reads no further than `through`, the durable seq seen *before* checking that nobody
+    /// listens: a subscriber arriving after that check starts its live tail at a durable seq
+    /// ≥ `through`, so everything after `through` must go through the full (publishing) path.
+    fn skim_page_blocking(&self, from: Seq, through: Seq) -> Result<Option<Seq>, BusError> {
+        if from > through {
+            return Ok(None);
+        }
+        let max_records = usize::try_from(through - from + 1)
+            .unwrap_or(usize::MAX)
+            .min(PAGE_RECORDS_LIMIT);
         let records = self
             .log
-            .read_from(from, PAGE_RECORDS_LIMIT, PAGE_BYTES_LIMIT)
+            .read_from(from, max_records, PAGE_BYTES_LIMIT)
             .map_err(BusError::from)?;
+        debug_assert!(records.last().is_none_or(|(seq, _)| *seq <= through));
         for (seq, payload) in &records {
             match quiver_model::record::peek_event_type(payload) {
                 Ok(t) => self.count_published(&t),
@@ -810,7 +821,8 @@ async fn tail(inner: Arc<Inner>, mut next: Seq) {
         while next <= durable && !inner.stopped.load(Ordering::Acquire) {
             if inner.live_receivers() == 0 {
                 let skim = Arc::clone(&inner);
-                let skimmed = tokio::task::spawn_blocking(move || skim.skim_page_blocking(next))
+                let skimmed =
+                    tokio::task::spawn_blocking(move || skim.skim_page_blocking(next, durable))
                     .await
                     .map_err(|e| BusError::Log(format!("the log reader task failed: {e}")))
                     .and_then(|r| r);
