@@ -27,9 +27,13 @@ pub struct ServeArgs {
     /// a duration (`7d`, `12h`), a size (`10GiB`), both (`7d,10GiB`), `forever` or `none`.
     #[arg(long, env = "QUIVER_RETAIN_EVENTS", default_value = "7d")]
     retain_events: Retention,
-    /// Write a snapshot after this many records.
+    /// Write a snapshot after this many records…
     #[arg(long, env = "QUIVER_SNAPSHOT_EVERY", default_value_t = 50_000)]
     snapshot_every: u64,
+    /// …once the log has also grown by this many bytes (and by the last snapshot's size):
+    /// bounds the write amplification of snapshots and the replay at start-up.
+    #[arg(long, env = "QUIVER_SNAPSHOT_MIN_BYTES", default_value_t = 256 * 1024 * 1024)]
+    snapshot_min_bytes: u64,
     /// Roll log segments at this size, in bytes.
     #[arg(long, env = "QUIVER_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     segment_bytes: u64,
@@ -56,6 +60,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.fsync = args.fsync;
     config.retention = args.retain_events;
     config.snapshot_every_records = args.snapshot_every.max(1);
+    config.snapshot_min_log_bytes = args.snapshot_min_bytes;
     config.segment_size_bytes_limit = args.segment_bytes;
     config.emit_search_events = args.emit_search_events;
     let engine = Engine::open(config)

@@ -76,10 +76,40 @@ pub struct CreateLibrary {
     #[serde(default)]
     pub description: String,
     pub index_type: Option<String>,
+    /// HNSW parameters (`m`, `ef_construction`, `ef_search`); only with `index_type: "hnsw"`.
+    pub index_params: Option<IndexParamsInput>,
+    /// `{type: "int8", rescore?, oversampling?}`; only with `index_type: "hnsw"`.
+    pub quantization: Option<QuantizationInput>,
     pub metric: Option<String>,
     pub dimension: Option<u64>,
     pub embedding_model: Option<String>,
     pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IndexParamsInput {
+    pub m: Option<u32>,
+    pub ef_construction: Option<u32>,
+    pub ef_search: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizationInput {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub rescore: Option<bool>,
+    pub oversampling: Option<f32>,
+}
+
+/// Body of `PUT /v1/libraries/{id}/index`: the index to rebuild the library's searches on.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IndexChange {
+    pub index_type: Option<String>,
+    pub index_params: Option<IndexParamsInput>,
+    pub quantization: Option<QuantizationInput>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -109,6 +139,8 @@ pub struct SearchInput {
     pub distance_threshold: Option<f32>,
     #[serde(default)]
     pub include_embeddings: bool,
+    /// HNSW only: this query's candidate list size (overrides the library's `ef_search`).
+    pub ef_search: Option<u32>,
 }
 
 fn default_k() -> usize {

@@ -66,6 +66,10 @@ pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
                 .delete(routes::delete_library),
         )
         .route(
+            "/v1/libraries/{id}/index",
+            get(routes::get_index).put(routes::put_index),
+        )
+        .route(
             "/v1/libraries/{id}/documents",
             post(routes::upsert_document).get(routes::list_documents),
         )
