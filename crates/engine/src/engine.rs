@@ -389,7 +389,7 @@ impl Engine {
     pub fn create_library(
         &self,
         ctx: &WriteCtx,
-        req: CreateLibrary,
+        mut req: CreateLibrary,
     ) -> Result<Committed<LibraryInfo>> {
         validate::name(&req.name)?;
         validate::description(&req.description)?;
@@ -409,6 +409,19 @@ impl Engine {
             req.index_params,
             req.quantization.as_ref(),
         )?;
+        // No dimension and no model: the local default model, when this server has one.
+        if req.dimension.is_none() && req.embedding_model.is_none() {
+            if let Some(d) = self.embedder.dimension(DEFAULT_EMBEDDING_MODEL) {
+                tracing::debug!(
+                    "library {:?} gets {DEFAULT_EMBEDDING_MODEL} ({d}-d)",
+                    req.name
+                );
+                req.embedding_model = Some(DEFAULT_EMBEDDING_MODEL.to_string());
+            }
+        }
+        if let Some(m) = &req.embedding_model {
+            validate::name(m).map_err(|e| EngineError::invalid("invalid_model", e.detail))?;
+        }
         let model_dimension = req
             .embedding_model
             .as_deref()
@@ -648,10 +661,39 @@ impl Engine {
         items: Vec<std::result::Result<DocumentInput, EngineError>>,
     ) -> Result<Committed<Vec<ItemOutcome>>> {
         let lib = self.library_for_write(library)?;
-        let prepared: Vec<Result<Document>> = items
+        let mut deferred: Vec<Result<(Document, Vec<usize>)>> = items
             .into_iter()
-            .map(|i| i.and_then(|d| input::prepare_document(&lib, d, self.embedder.as_ref())))
+            .map(|i| i.and_then(|d| input::prepare_document_deferred(&lib, d)))
             .collect();
+        // One embedding call for every text-only chunk of the batch.
+        let mut pending: Vec<(usize, &mut Vec<quiver_model::Chunk>, &[usize])> = deferred
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(n, d)| {
+                d.as_mut()
+                    .ok()
+                    .map(|(doc, needs)| (n, &mut doc.chunks, &needs[..]))
+            })
+            .filter(|(_, _, needs)| !needs.is_empty())
+            .collect();
+        let mut failures: Vec<(usize, EngineError)> = Vec::new();
+        if !pending.is_empty() {
+            let mut items: Vec<(&mut Vec<quiver_model::Chunk>, &[usize])> =
+                pending.iter_mut().map(|(_, c, n)| (&mut **c, *n)).collect();
+            let errors = input::embed_pending(&lib, self.embedder.as_ref(), &mut items);
+            for ((n, _, _), e) in pending.iter().zip(errors) {
+                if let Some(e) = e {
+                    failures.push((*n, e));
+                }
+            }
+        }
+        let mut prepared: Vec<Result<Document>> = deferred
+            .into_iter()
+            .map(|d| d.map(|(doc, _)| doc))
+            .collect();
+        for (n, e) in failures {
+            prepared[n] = Err(e);
+        }
         self.commit(
             ctx,
             |cat, now| {
@@ -961,9 +1003,7 @@ impl Engine {
                             std::slice::from_ref(q),
                             Purpose::Query,
                         )
-                        .map_err(|e| {
-                            EngineError::invalid("embedding_unavailable", e.to_string())
-                        })?;
+                        .map_err(input::embed_error)?;
                     v.pop().ok_or_else(|| EngineError::Unavailable {
                         code: "embedding_failed",
                         detail: "the embedding provider returned no vector".into(),
@@ -1268,6 +1308,10 @@ fn snapshot_loop(engine: std::sync::Weak<Engine>) {
         }
     }
 }
+
+/// The model a library gets when it is created with neither `dimension` nor
+/// `embedding_model` (the same default Chroma ships), if the server's embedder knows it.
+pub const DEFAULT_EMBEDDING_MODEL: &str = "local:all-minilm-l6-v2";
 
 /// Largest application event payload, in bytes of JSON.
 pub const EVENT_DATA_BYTES_LIMIT: usize = 64 * 1024;
