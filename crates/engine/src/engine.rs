@@ -967,6 +967,36 @@ impl Engine {
         self.search_limited(library, req, SEARCH_K_LIMIT)
     }
 
+    /// The query vector for `text` in `library`'s vector space (its embedding model, query
+    /// purpose), validated (normalised for cosine): what a `{"query": …}` search uses, for
+    /// other readers such as semantic subscriptions.
+    pub fn embed_query(&self, library: &str, text: &str) -> Result<Vec<f32>> {
+        let lib = self.shard(library)?.state.read().library.clone();
+        if text.trim().is_empty() {
+            return Err(EngineError::invalid(
+                "missing_query",
+                "the query text is empty",
+            ));
+        }
+        let v = self.embed_text_query(&lib, text)?;
+        Ok(validate::vector(v, lib.dimension, lib.metric)?)
+    }
+
+    fn embed_text_query(&self, lib: &Library, text: &str) -> Result<Vec<f32>> {
+        let mut v = self
+            .embedder
+            .embed(
+                lib.embedding_model.as_deref(),
+                std::slice::from_ref(&text.to_string()),
+                Purpose::Query,
+            )
+            .map_err(input::embed_error)?;
+        v.pop().ok_or_else(|| EngineError::Unavailable {
+            code: "embedding_failed",
+            detail: "the embedding provider returned no vector".into(),
+        })
+    }
+
     /// As [`Engine::search`] with a caller-chosen bound on `k` (streaming search allows more).
     pub fn search_limited(
         &self,
@@ -995,20 +1025,7 @@ impl Engine {
         let vector = match input::pick_vector(req.embedding.clone(), req.embedding_b64.clone())? {
             Some(v) => v,
             None => match &req.query {
-                Some(q) if !q.trim().is_empty() => {
-                    let mut v = self
-                        .embedder
-                        .embed(
-                            lib.embedding_model.as_deref(),
-                            std::slice::from_ref(q),
-                            Purpose::Query,
-                        )
-                        .map_err(input::embed_error)?;
-                    v.pop().ok_or_else(|| EngineError::Unavailable {
-                        code: "embedding_failed",
-                        detail: "the embedding provider returned no vector".into(),
-                    })?
-                }
+                Some(q) if !q.trim().is_empty() => self.embed_text_query(&lib, q)?,
                 _ => {
                     return Err(EngineError::invalid(
                         "missing_query",
