@@ -414,6 +414,34 @@ mod tests {
         assert_eq!(parse_retry_after("soon"), None);
     }
 
+    /// The per-delivery check: a name resolving to loopback fails the attempt before any
+    /// connection is made (the path a name re-pointed to a private address takes).
+    #[tokio::test]
+    async fn delivery_to_a_name_resolving_to_loopback_is_refused() {
+        let url = parse_url("http://localhost:9/hook").expect("a url");
+        let err = resolve(&url, false).await.expect_err("refused");
+        assert!(err.contains("private, loopback"), "{err}");
+        assert!(resolve(&url, true).await.is_ok());
+        let mut cache = ClientCache::default();
+        let a = send(
+            &mut cache,
+            "http://localhost:9/hook",
+            false,
+            Duration::from_secs(1),
+            "whsec_AAAA",
+            "1",
+            b"{}",
+        )
+        .await;
+        assert_eq!(a.response_code, None);
+        assert!(matches!(a.verdict, Verdict::Failed { .. }));
+        assert!(a.error.unwrap_or_default().contains("private, loopback"));
+        assert!(
+            cache.client.is_none(),
+            "no client was built, no connection made"
+        );
+    }
+
     #[test]
     fn urls() {
         assert!(parse_url("ftp://x.example/").is_err());
