@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// search. Telemetry, not a change: off unless asked for.
     #[arg(long, env = "QUIVER_EMIT_SEARCH_EVENTS")]
     emit_search_events: bool,
+    /// Let webhooks target private, loopback, link-local, unspecified or multicast addresses
+    /// (refused by default: a webhook URL must not reach into the server's own network).
+    #[arg(long, env = "QUIVER_WEBHOOKS_ALLOW_PRIVATE")]
+    webhooks_allow_private: bool,
 }
 
 /// Logging goes to stderr (`QUIVER_LOG=debug` for more). Only the server logs: client
@@ -77,7 +81,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         println!("quiver listening on http://{addr}");
         std::io::stdout().flush().ok();
         tracing::info!(%addr, data_dir = %args.data_dir.display(), fsync = %engine.config().fsync, "serving");
-        quiver_server::serve(listener, engine.clone(), shutdown_signal()).await.context("server failed")
+        let mut options = quiver_server::ServeOptions::default();
+        options.webhooks.allow_private = args.webhooks_allow_private;
+        quiver_server::serve_with(listener, engine.clone(), options, shutdown_signal()).await.context("server failed")
     })?;
     tracing::info!("shutting down: writing a final snapshot");
     engine

@@ -265,6 +265,7 @@ pub enum SubscriberKind {
     Sse,
     Pull,
     WebSocket,
+    Webhook,
 }
 
 impl SubscriberKind {
@@ -273,6 +274,7 @@ impl SubscriberKind {
             SubscriberKind::Sse => "sse",
             SubscriberKind::Pull => "pull",
             SubscriberKind::WebSocket => "websocket",
+            SubscriberKind::Webhook => "webhook",
         }
     }
 }

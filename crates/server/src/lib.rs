@@ -13,6 +13,7 @@
 //! - [`extract`] — JSON bodies with JSON errors; the write context (trace id, source).
 //! - [`render`] — how libraries, documents and hits look on the wire.
 //! - [`error`] — `ApiError` and the mapping from engine errors to statuses.
+//! - [`webhooks`] — webhook endpoints: durable, signed, retried delivery of the stream.
 
 pub mod bus;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod render;
 pub mod routes;
 pub mod slots;
 pub mod stream;
+pub mod webhooks;
 pub mod ws;
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -52,7 +54,15 @@ pub fn router(engine: Arc<Engine>) -> Router {
 /// The router over an engine and an already started event bus (so the caller can stop the
 /// bus at shutdown: SSE streams never end by themselves).
 pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
+    app(engine, bus, None)
+}
+
+fn app(engine: Arc<Engine>, bus: Arc<bus::Bus>, hooks: Option<Arc<webhooks::Webhooks>>) -> Router {
     let state = AppState { bus, engine };
+    let extra = match hooks {
+        Some(h) => webhooks::router(h),
+        None => Router::new(),
+    };
     Router::new()
         .route("/health", get(routes::health))
         .route(
@@ -97,6 +107,7 @@ pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
         .route("/v1/libraries/{id}/search/stream", post(stream::search))
         .route("/v1/libraries/{id}/ws", get(ws::upgrade))
         .merge(events::router())
+        .merge(extra)
         .fallback(routes::not_found)
         .layer(middleware::from_fn(trace_layer))
         .layer(DefaultBodyLimit::max(
@@ -127,20 +138,43 @@ async fn trace_layer(mut req: Request, next: Next) -> Response {
     resp
 }
 
+/// Server settings beyond the engine's.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    pub webhooks: webhooks::WebhookConfig,
+}
+
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, engine, ServeOptions::default(), shutdown).await
+}
+
+/// Serves the API with `options` until `shutdown` resolves; returns once the webhook workers
+/// have saved their positions, so the caller can close the engine.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let bus = bus::Bus::start(&engine);
+    let hooks = webhooks::Webhooks::start(engine.clone(), bus.clone(), options.webhooks)
+        .map_err(std::io::Error::other)?;
     let stopper = bus.clone();
+    let hooks_stopper = hooks.clone();
     // Graceful shutdown waits for in-flight responses; stopping the bus ends every SSE stream
     // and long-poll so that wait is short and the engine gets to close cleanly.
-    axum::serve(listener, router_with_bus(engine, bus))
+    let served = axum::serve(listener, app(engine, bus, Some(hooks.clone())))
         .with_graceful_shutdown(async move {
             shutdown.await;
+            hooks_stopper.signal_stop();
             stopper.stop();
         })
-        .await
+        .await;
+    hooks.stop().await;
+    served
 }
