@@ -8,6 +8,7 @@
 //! Layout:
 //! - [`routes`] — one handler per route of the contract.
 //! - [`stream`] — NDJSON ingest, export and streamed search.
+//! - [`jobs`] — background jobs (`/v1/jobs`), run by the `quiver-jobs` crate.
 //! - [`slots`] — bounds on long-lived work (WebSocket sessions, NDJSON uploads).
 //! - [`ws`] — WebSocket sessions: requests and live events on one socket.
 //! - [`extract`] — JSON bodies with JSON errors; the write context (trace id, source).
@@ -18,6 +19,7 @@ pub mod bus;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod jobs;
 pub mod render;
 pub mod routes;
 pub mod slots;
@@ -44,14 +46,24 @@ pub struct AppState {
     pub bus: Arc<bus::Bus>,
 }
 
-pub fn router(engine: Arc<Engine>) -> Router {
+/// The router over an engine, with its event bus and job workers (default configuration).
+pub fn router(engine: Arc<Engine>) -> Result<Router, quiver_jobs::JobError> {
     let bus = bus::Bus::start(&engine);
-    router_with_bus(engine, bus)
+    let jobs = quiver_jobs::Jobs::start(engine.clone(), quiver_jobs::JobsConfig::default())?;
+    Ok(router_with_bus(engine, bus, jobs))
 }
 
-/// The router over an engine and an already started event bus (so the caller can stop the
-/// bus at shutdown: SSE streams never end by themselves).
-pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
+/// The router over an engine, an already started event bus (so the caller can stop the bus
+/// at shutdown: SSE streams never end by themselves) and started job workers.
+pub fn router_with_bus(
+    engine: Arc<Engine>,
+    bus: Arc<bus::Bus>,
+    jobs: Arc<quiver_jobs::Jobs>,
+) -> Router {
+    let jobs_state = jobs::JobsState {
+        engine: engine.clone(),
+        jobs,
+    };
     let state = AppState { bus, engine };
     Router::new()
         .route("/health", get(routes::health))
@@ -97,6 +109,7 @@ pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
         .route("/v1/libraries/{id}/search/stream", post(stream::search))
         .route("/v1/libraries/{id}/ws", get(ws::upgrade))
         .merge(events::router())
+        .merge(jobs::router(jobs_state))
         .fallback(routes::not_found)
         .layer(middleware::from_fn(trace_layer))
         .layer(DefaultBodyLimit::max(
@@ -127,20 +140,36 @@ async fn trace_layer(mut req: Request, next: Next) -> Response {
     resp
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves, with job workers in their
+/// default configuration.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let jobs = quiver_jobs::Jobs::start(engine.clone(), quiver_jobs::JobsConfig::default())
+        .map_err(std::io::Error::other)?;
+    serve_with_jobs(listener, engine, jobs, shutdown).await
+}
+
+/// Serves the API on `listener` with the given job workers until `shutdown` resolves, then
+/// stops the workers (running jobs stay running in the log and resume at the next start).
+pub async fn serve_with_jobs(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    jobs: Arc<quiver_jobs::Jobs>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let bus = bus::Bus::start(&engine);
     let stopper = bus.clone();
     // Graceful shutdown waits for in-flight responses; stopping the bus ends every SSE stream
     // and long-poll so that wait is short and the engine gets to close cleanly.
-    axum::serve(listener, router_with_bus(engine, bus))
+    let served = axum::serve(listener, router_with_bus(engine, bus, jobs.clone()))
         .with_graceful_shutdown(async move {
             shutdown.await;
             stopper.stop();
         })
-        .await
+        .await;
+    let _ = tokio::task::spawn_blocking(move || jobs.stop()).await;
+    served
 }
