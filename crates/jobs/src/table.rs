@@ -220,6 +220,9 @@ impl Table {
             }
             "job.cancel_requested" => job.cancel_requested = true,
             "job.completed" | "job.failed" | "job.cancelled" => {
+                // Only a job cancelled while it waited is still in the queue (a worker took
+                // every other one out), so the queue is scanned only then.
+                let was_waiting = job.status == JobStatus::Queued;
                 job.status = match event_type {
                     "job.completed" => JobStatus::Completed,
                     "job.failed" => JobStatus::Failed,
@@ -240,7 +243,9 @@ impl Table {
                 }
                 job.finished_at_ms = Some(at_ms);
                 self.finished.insert((at_ms, id.clone()), ());
-                self.queue.retain(|q| q != &id);
+                if was_waiting {
+                    self.queue.retain(|q| q != &id);
+                }
             }
             _ => {}
         }

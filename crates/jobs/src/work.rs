@@ -256,8 +256,19 @@ impl Ctl<'_> {
                        "message": message, "checkpoint": checkpoint}),
             )?;
         }
-        if !self.pause.is_zero() {
-            std::thread::sleep(self.pause);
+        // The pause is slept in slices so a cancel (or shutdown) is not kept waiting by it.
+        let until = Instant::now() + self.pause;
+        while let Some(left) = until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        {
+            std::thread::sleep(left.min(Duration::from_millis(10)));
+            if self.jobs.stopping() {
+                return Err(JobError::Stopped);
+            }
+            if self.jobs.cancel_requested(&self.job.id) {
+                return Err(JobError::Cancelled);
+            }
         }
         Ok(())
     }

@@ -788,3 +788,118 @@ async fn regenerate_embeddings_with_an_embedder() {
         "the re-embedded vector is searchable: {hits:?}"
     );
 }
+
+/// A server with a chosen job configuration.
+async fn server_with(
+    config: quiver_jobs::JobsConfig,
+) -> (String, Client, Arc<Engine>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(EngineConfig::new(dir.path())).expect("open");
+    let jobs = quiver_jobs::Jobs::start(engine.clone(), config).expect("jobs");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(quiver_server::serve_with_jobs(
+        listener,
+        engine.clone(),
+        jobs,
+        std::future::pending(),
+    ));
+    (base, Client::new(), engine, dir)
+}
+
+/// An I/O failure is retried with backoff up to `max_retries`, then the job fails with the
+/// reason; every retry is a `job.retrying` event.
+#[tokio::test]
+async fn io_failures_are_retried_then_fail() {
+    let (base, c, engine, dir) = server_with(quiver_jobs::JobsConfig {
+        workers: 1,
+        ..Default::default()
+    })
+    .await;
+    let lib = library(&c, &base, "retry", "flat").await;
+    fill(&c, &base, &lib, 5).await;
+    // Keep the only worker busy while the input file disappears.
+    let (_, v) = submit(
+        &c,
+        &base,
+        "batch_export",
+        json!({"library_id": lib, "batch_size": 1, "pause_ms": 100}),
+    )
+    .await;
+    let blocker = v["job_id"].as_str().expect("id").to_string();
+    let path = dir.path().join("gone.ndjson");
+    std::fs::write(&path, doc_line(1) + "\n").expect("write");
+    let (s, v) = submit(
+        &c,
+        &base,
+        "batch_import",
+        json!({"library_id": lib, "path": path, "max_retries": 2}),
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["job_id"].as_str().expect("id").to_string();
+    std::fs::remove_file(&path).expect("remove");
+    assert_eq!(wait(&c, &base, &blocker).await["status"], "completed");
+    let j = wait(&c, &base, &id).await;
+    assert_eq!(j["status"], "failed", "{j}");
+    assert_eq!(j["attempts"], 3, "{j}");
+    assert_eq!(j["error"]["error"], "io_error", "{j}");
+    let evs = events_of(&engine, &id);
+    assert_eq!(
+        evs.iter().filter(|e| *e == "job.retrying").count(),
+        2,
+        "{evs:?}"
+    );
+    assert_eq!(
+        evs.iter().filter(|e| *e == "job.started").count(),
+        3,
+        "{evs:?}"
+    );
+}
+
+/// Past the queue limit a submission is a 503; finished jobs (and their files) go once the
+/// retention has passed.
+#[tokio::test]
+async fn queue_limit_and_retention() {
+    let (base, c, _engine, dir) = server_with(quiver_jobs::JobsConfig {
+        workers: 1,
+        queue_limit: 2,
+        retention: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let lib = library(&c, &base, "limits", "flat").await;
+    fill(&c, &base, &lib, 5).await;
+    let slow = json!({"library_id": lib, "batch_size": 1, "pause_ms": 100});
+    let (s1, a) = submit(&c, &base, "batch_export", slow.clone()).await;
+    let (s2, b) = submit(&c, &base, "batch_export", slow.clone()).await;
+    let (s3, full) = submit(&c, &base, "batch_export", slow).await;
+    assert_eq!((s1, s2, s3), (202, 202, 503), "{full}");
+    assert_eq!(full["error"], "job_queue_full");
+    let a = a["job_id"].as_str().expect("id").to_string();
+    let b = b["job_id"].as_str().expect("id").to_string();
+    assert_eq!(wait(&c, &base, &a).await["status"], "completed");
+    assert_eq!(wait(&c, &base, &b).await["status"], "completed");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = c
+            .get(format!("{base}/v1/jobs/{a}"))
+            .send()
+            .await
+            .expect("get");
+        if r.status() == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "finished job kept past its retention"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !dir.path().join("jobs").join(&a).exists(),
+        "its export file went too"
+    );
+}
