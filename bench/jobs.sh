@@ -125,3 +125,23 @@ if keys:
     print(f"log records per job: {(seq1[k] - seq0[k]) / n:.2f}")
 print(f"server peak RSS: {rss} MiB")
 PY
+# Start-up with these jobs in the log: the table is rebuilt from the table file written at
+# shutdown (SIGTERM), then from the log after it. Also timed with the table file removed
+# (a crash before it was first written, or a damaged file): a replay of every job event.
+restart() {
+    : >"$OUT"
+    local t0; t0=$(date +%s.%N)
+    "$BIN" serve --addr 127.0.0.1:0 --data-dir "$DATA" --fsync "$FSYNC" \
+        --job-workers "$WORKERS" --job-queue-limit $((JOBS + 10)) >"$OUT" 2>>"$DATA.err" &
+    PID=$!
+    for _ in $(seq 600); do grep -q listening "$OUT" && break; sleep 0.01; done
+    local t1; t1=$(date +%s.%N)
+    URL="$(sed -n 's/^quiver listening on //p' "$OUT")"
+    local done_n; done_n=$(python3 -c "import json,urllib.request;print(json.load(urllib.request.urlopen('$URL/v1/jobs/stats/queue'))['completed'])")
+    echo "restart ($1): listening after $(echo "$t1 - $t0" | bc) s, $done_n completed jobs in the table"
+}
+kill -TERM $PID; wait $PID 2>/dev/null || true
+restart "table file + log after it"
+kill -TERM $PID; wait $PID 2>/dev/null || true
+rm -f "$DATA/jobs/table.json"
+restart "no table file: every job event replayed from the log"
