@@ -626,6 +626,10 @@ impl Jobs {
                 return Ok(());
             }
             inner.dirty = false;
+            // Every job event is appended under this lock, so the table has folded every job
+            // event the log has assigned so far: the next start scans the log from here.
+            let assigned = self.engine.log().last_assigned_seq();
+            inner.table.seq = inner.table.seq.max(assigned);
             let bytes = serde_json::to_vec(&inner.table).map_err(|e| JobError::Io {
                 path: TABLE_FILE.into(),
                 source: e.into(),
@@ -671,9 +675,9 @@ fn load_table(engine: &Engine, dir: &Path) -> Result<Table> {
     };
     let first = engine.log().first_seq();
     let mut next = (table.seq + 1).max(first);
-    if first > table.seq + 1 && table.seq > 0 {
+    if first > table.seq + 1 {
         tracing::warn!(
-            "the log now begins at seq {first}; job events {}..{} are gone (retention)",
+            "the log now begins at seq {first}; any job events in {}..{} are gone (retention) and the job table file does not cover them",
             table.seq + 1,
             first - 1
         );
