@@ -1,7 +1,7 @@
 //! # `quiver serve`
 //!
 //! Owns the server subcommand: its flags, logging set-up, opening the engine on a data
-//! directory and serving the HTTP API until SIGINT/SIGTERM, then a final snapshot and a clean
+//! directory, starting the background job workers, and serving the HTTP API until SIGINT/SIGTERM, then a final snapshot and a clean
 //! close of the log. It must never hold API logic of its own (anything a user can do goes
 //! through the server crate, so it is tested there) and never print anything on stdout but the
 //! `quiver listening on http://ADDR` line that tests and scripts read to learn the port.
@@ -45,6 +45,18 @@ pub struct ServeArgs {
     /// (refused by default: a webhook URL must not reach into the server's own network).
     #[arg(long, env = "QUIVER_WEBHOOKS_ALLOW_PRIVATE")]
     webhooks_allow_private: bool,
+    /// Background job workers (jobs running at once), 1 to 64.
+    #[arg(long, env = "QUIVER_JOB_WORKERS", default_value_t = 2)]
+    job_workers: usize,
+    /// Most jobs waiting or running at once; past it `POST /v1/jobs/…` answers 503.
+    #[arg(long, env = "QUIVER_JOB_QUEUE_LIMIT", default_value_t = 10_000)]
+    job_queue_limit: usize,
+    /// How long finished jobs stay listed (e.g. `24h`, `30m`).
+    #[arg(long, env = "QUIVER_JOB_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    job_retention: std::time::Duration,
+    /// Largest NDJSON body a `batch_import` job accepts, in bytes.
+    #[arg(long, env = "QUIVER_JOB_UPLOAD_BYTES", default_value_t = 1 << 30)]
+    job_upload_bytes: u64,
 }
 
 /// Logging goes to stderr (`QUIVER_LOG=debug` for more). Only the server logs: client
@@ -69,6 +81,16 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.emit_search_events = args.emit_search_events;
     let engine = Engine::open(config)
         .with_context(|| format!("cannot open the data directory {}", args.data_dir.display()))?;
+    let jobs = quiver_jobs::Jobs::start(
+        engine.clone(),
+        quiver_jobs::JobsConfig {
+            workers: args.job_workers,
+            queue_limit: args.job_queue_limit,
+            retention: args.job_retention,
+            upload_bytes_limit: args.job_upload_bytes,
+        },
+    )
+    .context("cannot start the job workers")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -81,7 +103,10 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         println!("quiver listening on http://{addr}");
         std::io::stdout().flush().ok();
         tracing::info!(%addr, data_dir = %args.data_dir.display(), fsync = %engine.config().fsync, "serving");
-        let mut options = quiver_server::ServeOptions::default();
+        let mut options = quiver_server::ServeOptions {
+            jobs: Some(jobs),
+            ..Default::default()
+        };
         options.webhooks.allow_private = args.webhooks_allow_private;
         quiver_server::serve_with(listener, engine.clone(), options, shutdown_signal()).await.context("server failed")
     })?;

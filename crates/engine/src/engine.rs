@@ -1185,6 +1185,26 @@ impl Engine {
         })
     }
 
+    /// Compacts a library's index: an `hnsw` library's graph is rebuilt with its current
+    /// configuration beside the live one (the same build-and-swap as an index change), which
+    /// drops its tombstoned rows; searches keep the old graph until the swap. The graph is
+    /// derived from the documents, so no record changes: the state stays a fold of the log.
+    /// Returns whether a rebuild started — `false` for a flat library (its deleted rows are
+    /// reused in place, there is nothing to compact) or an empty one.
+    pub fn optimize_index(&self, library: &str) -> Result<bool> {
+        let shard = self.shard(library)?;
+        let mut st = shard.state.write();
+        let Some(config) = st.library.index_type.hnsw() else {
+            return Ok(false);
+        };
+        if st.num_chunks == 0 {
+            return Ok(false);
+        }
+        let st = &mut *st;
+        crate::ann::start_rebuild(&shard, &mut st.ann, config);
+        Ok(true)
+    }
+
     // ---------------------------------------------------------------- snapshots
 
     /// Writes a snapshot of the current state (if anything changed since the last one), then

@@ -273,3 +273,47 @@ fn switching_index_keeps_searching_and_announces_the_rebuild() {
     }
     engine.close().expect("close");
 }
+
+/// `optimize_index` rebuilds an hnsw graph with the same configuration beside the live one:
+/// its tombstones are gone afterwards, nothing is appended to the log, searches still answer;
+/// a flat library has nothing to compact.
+#[test]
+fn optimize_drops_tombstones_and_keeps_results() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(EngineConfig::new(dir.path())).expect("open");
+    let lib = create(&engine, "opt", Some("hnsw"));
+    let vs = vectors(7, 400);
+    fill(&engine, &lib, &vs);
+    for n in 0..200 {
+        engine
+            .delete_document(&WriteCtx::default(), &lib, &format!("d{n:05}"))
+            .expect("delete");
+    }
+    let (before, _) = engine.index_status(&lib).expect("status");
+    assert!(
+        before.tombstones.unwrap_or(0) > 0,
+        "deletes leave tombstones"
+    );
+    let seq = engine.applied_seq();
+    assert!(engine.optimize_index(&lib).expect("optimize"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (st, _) = engine.index_status(&lib).expect("status");
+        if !st.building {
+            assert_eq!(
+                st.tombstones,
+                Some(0),
+                "the rebuilt graph has no tombstones"
+            );
+            assert_eq!(st.graph_rows, Some(200));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rebuild finishes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(engine.applied_seq(), seq, "optimizing appends no record");
+    let hits = search(&engine, &lib, &vs[300], 5, serde_json::Value::Null);
+    assert_eq!(hits[0], "d00300");
+    let flat = create(&engine, "opt-flat", None);
+    assert!(!engine.optimize_index(&flat).expect("flat"));
+}

@@ -8,6 +8,7 @@
 //! Layout:
 //! - [`routes`] — one handler per route of the contract.
 //! - [`stream`] — NDJSON ingest, export and streamed search.
+//! - [`jobs`] — background jobs (`/v1/jobs`), run by the `quiver-jobs` crate.
 //! - [`slots`] — bounds on long-lived work (WebSocket sessions, NDJSON uploads).
 //! - [`ws`] — WebSocket sessions: requests and live events on one socket.
 //! - [`extract`] — JSON bodies with JSON errors; the write context (trace id, source).
@@ -19,6 +20,7 @@ pub mod bus;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod jobs;
 pub mod render;
 pub mod routes;
 pub mod slots;
@@ -46,18 +48,33 @@ pub struct AppState {
     pub bus: Arc<bus::Bus>,
 }
 
-pub fn router(engine: Arc<Engine>) -> Router {
+/// The router over an engine, with its event bus and job workers (default configuration).
+pub fn router(engine: Arc<Engine>) -> Result<Router, quiver_jobs::JobError> {
     let bus = bus::Bus::start(&engine);
-    router_with_bus(engine, bus)
+    let jobs = quiver_jobs::Jobs::start(engine.clone(), quiver_jobs::JobsConfig::default())?;
+    Ok(router_with_bus(engine, bus, jobs))
 }
 
-/// The router over an engine and an already started event bus (so the caller can stop the
-/// bus at shutdown: SSE streams never end by themselves).
-pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
-    app(engine, bus, None)
+/// The router over an engine, an already started event bus (so the caller can stop the bus
+/// at shutdown: SSE streams never end by themselves) and started job workers.
+pub fn router_with_bus(
+    engine: Arc<Engine>,
+    bus: Arc<bus::Bus>,
+    jobs: Arc<quiver_jobs::Jobs>,
+) -> Router {
+    app(engine, bus, jobs, None)
 }
 
-fn app(engine: Arc<Engine>, bus: Arc<bus::Bus>, hooks: Option<Arc<webhooks::Webhooks>>) -> Router {
+fn app(
+    engine: Arc<Engine>,
+    bus: Arc<bus::Bus>,
+    jobs: Arc<quiver_jobs::Jobs>,
+    hooks: Option<Arc<webhooks::Webhooks>>,
+) -> Router {
+    let jobs_state = jobs::JobsState {
+        engine: engine.clone(),
+        jobs,
+    };
     let state = AppState { bus, engine };
     let extra = match hooks {
         Some(h) => webhooks::router(h),
@@ -108,6 +125,7 @@ fn app(engine: Arc<Engine>, bus: Arc<bus::Bus>, hooks: Option<Arc<webhooks::Webh
         .route("/v1/libraries/{id}/ws", get(ws::upgrade))
         .merge(events::router())
         .merge(extra)
+        .merge(jobs::router(jobs_state))
         .fallback(routes::not_found)
         .layer(middleware::from_fn(trace_layer))
         .layer(DefaultBodyLimit::max(
@@ -139,12 +157,16 @@ async fn trace_layer(mut req: Request, next: Next) -> Response {
 }
 
 /// Server settings beyond the engine's.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct ServeOptions {
     pub webhooks: webhooks::WebhookConfig,
+    /// Job workers already started (the binary starts them with its flags); `None` starts
+    /// them in their default configuration.
+    pub jobs: Option<Arc<quiver_jobs::Jobs>>,
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves, with job workers and webhooks in
+/// their default configuration.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
@@ -154,13 +176,19 @@ pub async fn serve(
 }
 
 /// Serves the API with `options` until `shutdown` resolves; returns once the webhook workers
-/// have saved their positions, so the caller can close the engine.
+/// have saved their positions and the job workers have stopped (running jobs stay running in
+/// the log and resume at the next start), so the caller can close the engine.
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let jobs = match options.jobs {
+        Some(j) => j,
+        None => quiver_jobs::Jobs::start(engine.clone(), quiver_jobs::JobsConfig::default())
+            .map_err(std::io::Error::other)?,
+    };
     let bus = bus::Bus::start(&engine);
     let hooks = webhooks::Webhooks::start(engine.clone(), bus.clone(), options.webhooks)
         .map_err(std::io::Error::other)?;
@@ -168,7 +196,7 @@ pub async fn serve_with(
     let hooks_stopper = hooks.clone();
     // Graceful shutdown waits for in-flight responses; stopping the bus ends every SSE stream
     // and long-poll so that wait is short and the engine gets to close cleanly.
-    let served = axum::serve(listener, app(engine, bus, Some(hooks.clone())))
+    let served = axum::serve(listener, app(engine, bus, jobs.clone(), Some(hooks.clone())))
         .with_graceful_shutdown(async move {
             shutdown.await;
             hooks_stopper.signal_stop();
@@ -176,5 +204,6 @@ pub async fn serve_with(
         })
         .await;
     hooks.stop().await;
+    let _ = tokio::task::spawn_blocking(move || jobs.stop()).await;
     served
 }
