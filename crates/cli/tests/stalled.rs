@@ -377,7 +377,9 @@ async fn a_stalled_sse_client_neither_slows_writers_nor_grows_memory_and_gets_ev
             "write throughput with a stalled SSE client is {ratio:.3}× the run without it (median of pair ratios; < 0.90)"
         );
     } else if ratio < 0.90 {
-        eprintln!("NOTE: throughput ratio {ratio:.3} < 0.90 (not asserted without QUIVER_STRICT_PERF=1)");
+        eprintln!(
+            "NOTE: throughput ratio {ratio:.3} < 0.90 (not asserted without QUIVER_STRICT_PERF=1)"
+        );
     }
     let worst = rss_with.iter().copied().max().unwrap();
     assert!(

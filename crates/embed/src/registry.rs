@@ -315,9 +315,16 @@ fn worker(inner: &Inner, rx: &Mutex<Receiver<Job>>) {
         };
         let mut jobs = vec![first];
         let mut n = jobs[0].texts.len();
-        // Micro-batch: take whatever else is already waiting, up to the text budget.
+        // Micro-batch: take whatever else is already waiting, up to the text budget. Only with
+        // `try_lock`: another idle worker may be holding the receiver while it blocks in
+        // `recv`, and waiting for it here would hold this job until the next one arrives.
         while n < inner.cfg.batch_texts {
-            match lock(rx).try_recv() {
+            let next = match rx.try_lock() {
+                Ok(r) => r.try_recv(),
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().try_recv(),
+                Err(std::sync::TryLockError::WouldBlock) => break,
+            };
+            match next {
                 Ok(j) => {
                     n += j.texts.len();
                     jobs.push(j);

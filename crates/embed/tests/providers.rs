@@ -251,3 +251,26 @@ fn registry_routes_concurrent_purposes_without_mixing_and_caches_queries() {
     assert!(reg.cached_queries() > 0);
     assert!(seen.lock().unwrap().len() <= before + 1);
 }
+
+/// Regression: with two idle workers, one could take a job and then wait for the receiver
+/// lock held by the other (blocked in `recv`) to micro-batch — holding the job until the next
+/// request arrived. Sequential single requests, each after the workers went idle, must all be
+/// answered promptly.
+#[test]
+fn registry_answers_each_sequential_request_without_waiting_for_the_next() {
+    let (base, _seen) = serve(1000, |_, s| (200, vec![], cohere_reply(s)));
+    let mut rc = RegistryConfig::new(std::env::temp_dir().join("quiver-embed-unused-models"));
+    rc.remote = cfg(&base);
+    rc.workers = 2;
+    rc.request_timeout = std::time::Duration::from_secs(5);
+    let reg = Registry::new(rc).unwrap();
+    for i in 0..100 {
+        // Let both workers go back to waiting for work.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let t = vec![format!("t{i}")];
+        let out = reg
+            .embed(Some("cohere:embed-english-v3.0"), &t, Purpose::Document)
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(out.len(), 1);
+    }
+}

@@ -40,8 +40,12 @@ pub struct EngineConfig {
     /// How long (or how much) log to keep beyond what the newest snapshot needs, so event
     /// subscribers can resume from old `seq`s.
     pub retention: Retention,
-    /// Take a snapshot once this many records were applied since the last one.
+    /// Take a snapshot once this many records were applied since the last one…
     pub snapshot_every_records: u64,
+    /// …and the log has grown by at least this many bytes (and by at least the size of the
+    /// last snapshot). A snapshot rewrites the whole state, so this bounds its write
+    /// amplification; replaying this much log at start-up takes about a second.
+    pub snapshot_min_log_bytes: u64,
     pub segment_size_bytes_limit: u64,
     /// Append a `search.performed` event for every search (telemetry, so off by default).
     pub emit_search_events: bool,
@@ -57,6 +61,7 @@ impl EngineConfig {
                 max_bytes: None,
             },
             snapshot_every_records: 50_000,
+            snapshot_min_log_bytes: 256 * 1024 * 1024,
             segment_size_bytes_limit: 64 * 1024 * 1024,
             emit_search_events: false,
         }
@@ -384,7 +389,7 @@ impl Engine {
     pub fn create_library(
         &self,
         ctx: &WriteCtx,
-        req: CreateLibrary,
+        mut req: CreateLibrary,
     ) -> Result<Committed<LibraryInfo>> {
         validate::name(&req.name)?;
         validate::description(&req.description)?;
@@ -399,7 +404,24 @@ impl Engine {
                 )
             })?,
         };
-        let index_type = parse_index_type(req.index_type.as_deref())?;
+        let index_type = parse_index_config(
+            req.index_type.as_deref(),
+            req.index_params,
+            req.quantization.as_ref(),
+        )?;
+        // No dimension and no model: the local default model, when this server has one.
+        if req.dimension.is_none() && req.embedding_model.is_none() {
+            if let Some(d) = self.embedder.dimension(DEFAULT_EMBEDDING_MODEL) {
+                tracing::debug!(
+                    "library {:?} gets {DEFAULT_EMBEDDING_MODEL} ({d}-d)",
+                    req.name
+                );
+                req.embedding_model = Some(DEFAULT_EMBEDDING_MODEL.to_string());
+            }
+        }
+        if let Some(m) = &req.embedding_model {
+            validate::name(m).map_err(|e| EngineError::invalid("invalid_model", e.detail))?;
+        }
         let model_dimension = req
             .embedding_model
             .as_deref()
@@ -511,8 +533,11 @@ impl Engine {
                     return Err(immutable("embedding_model"));
                 }
                 if let Some(t) = &req.index_type {
-                    if parse_index_type(Some(t))? != lib.index_type {
-                        return Err(immutable("index_type"));
+                    if parse_index_type(Some(t))?.as_str() != lib.index_type.as_str() {
+                        return Err(EngineError::invalid(
+                            "immutable_field",
+                            "`index_type` changes through PUT /v1/libraries/{id}/index, which rebuilds the index while searches continue",
+                        ));
                     }
                 }
                 if let Some(n) = req.name {
@@ -636,10 +661,39 @@ impl Engine {
         items: Vec<std::result::Result<DocumentInput, EngineError>>,
     ) -> Result<Committed<Vec<ItemOutcome>>> {
         let lib = self.library_for_write(library)?;
-        let prepared: Vec<Result<Document>> = items
+        let mut deferred: Vec<Result<(Document, Vec<usize>)>> = items
             .into_iter()
-            .map(|i| i.and_then(|d| input::prepare_document(&lib, d, self.embedder.as_ref())))
+            .map(|i| i.and_then(|d| input::prepare_document_deferred(&lib, d)))
             .collect();
+        // One embedding call for every text-only chunk of the batch.
+        let mut pending: Vec<(usize, &mut Vec<quiver_model::Chunk>, &[usize])> = deferred
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(n, d)| {
+                d.as_mut()
+                    .ok()
+                    .map(|(doc, needs)| (n, &mut doc.chunks, &needs[..]))
+            })
+            .filter(|(_, _, needs)| !needs.is_empty())
+            .collect();
+        let mut failures: Vec<(usize, EngineError)> = Vec::new();
+        if !pending.is_empty() {
+            let mut items: Vec<(&mut Vec<quiver_model::Chunk>, &[usize])> =
+                pending.iter_mut().map(|(_, c, n)| (&mut **c, *n)).collect();
+            let errors = input::embed_pending(&lib, self.embedder.as_ref(), &mut items);
+            for ((n, _, _), e) in pending.iter().zip(errors) {
+                if let Some(e) = e {
+                    failures.push((*n, e));
+                }
+            }
+        }
+        let mut prepared: Vec<Result<Document>> = deferred
+            .into_iter()
+            .map(|d| d.map(|(doc, _)| doc))
+            .collect();
+        for (n, e) in failures {
+            prepared[n] = Err(e);
+        }
         self.commit(
             ctx,
             |cat, now| {
@@ -913,6 +967,36 @@ impl Engine {
         self.search_limited(library, req, SEARCH_K_LIMIT)
     }
 
+    /// The query vector for `text` in `library`'s vector space (its embedding model, query
+    /// purpose), validated (normalised for cosine): what a `{"query": …}` search uses, for
+    /// other readers such as semantic subscriptions.
+    pub fn embed_query(&self, library: &str, text: &str) -> Result<Vec<f32>> {
+        let lib = self.shard(library)?.state.read().library.clone();
+        if text.trim().is_empty() {
+            return Err(EngineError::invalid(
+                "missing_query",
+                "the query text is empty",
+            ));
+        }
+        let v = self.embed_text_query(&lib, text)?;
+        Ok(validate::vector(v, lib.dimension, lib.metric)?)
+    }
+
+    fn embed_text_query(&self, lib: &Library, text: &str) -> Result<Vec<f32>> {
+        let mut v = self
+            .embedder
+            .embed(
+                lib.embedding_model.as_deref(),
+                std::slice::from_ref(&text.to_string()),
+                Purpose::Query,
+            )
+            .map_err(input::embed_error)?;
+        v.pop().ok_or_else(|| EngineError::Unavailable {
+            code: "embedding_failed",
+            detail: "the embedding provider returned no vector".into(),
+        })
+    }
+
     /// As [`Engine::search`] with a caller-chosen bound on `k` (streaming search allows more).
     pub fn search_limited(
         &self,
@@ -941,22 +1025,7 @@ impl Engine {
         let vector = match input::pick_vector(req.embedding.clone(), req.embedding_b64.clone())? {
             Some(v) => v,
             None => match &req.query {
-                Some(q) if !q.trim().is_empty() => {
-                    let mut v = self
-                        .embedder
-                        .embed(
-                            lib.embedding_model.as_deref(),
-                            std::slice::from_ref(q),
-                            Purpose::Query,
-                        )
-                        .map_err(|e| {
-                            EngineError::invalid("embedding_unavailable", e.to_string())
-                        })?;
-                    v.pop().ok_or_else(|| EngineError::Unavailable {
-                        code: "embedding_failed",
-                        detail: "the embedding provider returned no vector".into(),
-                    })?
-                }
+                Some(q) if !q.trim().is_empty() => self.embed_text_query(&lib, q)?,
                 _ => {
                     return Err(EngineError::invalid(
                         "missing_query",
@@ -968,19 +1037,47 @@ impl Engine {
         let vector = validate::vector(vector, lib.dimension, lib.metric)?;
         let st = shard.state.read();
         let seq = self.applied_seq();
-        let raw = match &filter {
+        let ef = match req.ef_search {
+            None => None,
+            Some(e) if (1..=quiver_model::types::HNSW_EF_LIMIT).contains(&e) => Some(e as usize),
+            Some(e) => {
+                return Err(EngineError::invalid(
+                    "invalid_ef_search",
+                    format!(
+                        "ef_search must be between 1 and {}, got {e}",
+                        quiver_model::types::HNSW_EF_LIMIT
+                    ),
+                ))
+            }
+        };
+        let lib_state: &LibraryState = &st;
+        let pred = filter.as_ref().map(|f| {
+            move |key: u64| {
+                lib_state
+                    .locs
+                    .get(&key)
+                    .is_some_and(|loc| f.matches(&loc.doc, &loc.doc.chunks[loc.idx as usize]))
+            }
+        });
+        let pred_dyn: Option<&dyn Fn(u64) -> bool> = pred.as_ref().map(|p| p as _);
+        // The graph answers unless the candidate list it would need passes its limit (a
+        // streaming search for thousands of results): then the exact scan does, which is
+        // also the right tool for that.
+        let graph = st.ann.serving().filter(|g| {
+            crate::ann::candidates_needed(&g.config, req.k, ef) <= quiver_index::EF_LIMIT
+        });
+        let raw: Vec<(u64, f32)> = match graph {
+            Some(graph) => graph.index.search(
+                &vector,
+                req.k,
+                ef,
+                req.distance_threshold,
+                pred_dyn,
+                Some(&crate::ann::StateVectors(lib_state)),
+            ),
             None => st
                 .index
-                .search(&vector, req.k, req.distance_threshold, None),
-            Some(f) => {
-                let pred = |key: u64| {
-                    st.locs
-                        .get(&key)
-                        .is_some_and(|loc| f.matches(&loc.doc, &loc.doc.chunks[loc.idx as usize]))
-                };
-                st.index
-                    .search(&vector, req.k, req.distance_threshold, Some(&pred))
-            }
+                .search(&vector, req.k, req.distance_threshold, pred_dyn),
         };
         let mut hits: Vec<Hit> = raw
             .into_iter()
@@ -1028,12 +1125,93 @@ impl Engine {
         Ok((hits, seq))
     }
 
+    // ---------------------------------------------------------------- index management
+
+    /// The library's index: type, parameters, sizes and any running build.
+    pub fn index_status(&self, library: &str) -> Result<(crate::state::IndexStatus, Seq)> {
+        let shard = self.shard(library)?;
+        let st = shard.state.read();
+        Ok((st.index_status(), self.applied_seq()))
+    }
+
+    /// Switches the library's index (type, parameters, quantization). The change is a
+    /// `library.updated` record; the new index is built beside the live one while searches
+    /// continue on the old one, and `index.rebuilt` is appended when it serves. Returns at
+    /// once; `GET …/index` shows the build's progress.
+    pub fn set_index(
+        self: &Arc<Self>,
+        ctx: &WriteCtx,
+        library: &str,
+        req: input::IndexChange,
+    ) -> Result<Committed<LibraryInfo>> {
+        let index_type = parse_index_config(
+            req.index_type.as_deref(),
+            req.index_params,
+            req.quantization.as_ref(),
+        )?;
+        let lib_id = self.shard(library)?.state.read().library.id.clone();
+        let started = Instant::now();
+        let committed = self.commit(
+            ctx,
+            |cat, now| {
+                let shard = cat
+                    .shard(&lib_id)
+                    .ok_or_else(|| EngineError::not_found("library", library))?;
+                let mut lib = shard.state.read().library.clone();
+                if lib.index_type == index_type {
+                    return Ok((Vec::new(), false));
+                }
+                lib.index_type = index_type;
+                lib.updated_at_ms = now;
+                Ok((vec![Change::LibraryUpdated(lib)], true))
+            },
+            |cat, changed, _| (info_of(cat, &lib_id), changed),
+        )?;
+        let (info, changed) = committed.value;
+        let info = info?;
+        if changed {
+            let engine = Arc::downgrade(self);
+            let ctx = ctx.clone();
+            let spawned = std::thread::Builder::new()
+                .name("quiver-index-watch".into())
+                .spawn(move || announce_when_built(engine, ctx, lib_id, started));
+            if let Err(e) = spawned {
+                tracing::warn!("index.rebuilt will not be announced: {e}");
+            }
+        }
+        Ok(Committed {
+            value: info,
+            seq: committed.seq,
+        })
+    }
+
+    /// Compacts a library's index: an `hnsw` library's graph is rebuilt with its current
+    /// configuration beside the live one (the same build-and-swap as an index change), which
+    /// drops its tombstoned rows; searches keep the old graph until the swap. The graph is
+    /// derived from the documents, so no record changes: the state stays a fold of the log.
+    /// Returns whether a rebuild started — `false` for a flat library (its deleted rows are
+    /// reused in place, there is nothing to compact) or an empty one.
+    pub fn optimize_index(&self, library: &str) -> Result<bool> {
+        let shard = self.shard(library)?;
+        let mut st = shard.state.write();
+        let Some(config) = st.library.index_type.hnsw() else {
+            return Ok(false);
+        };
+        if st.num_chunks == 0 {
+            return Ok(false);
+        }
+        let st = &mut *st;
+        crate::ann::start_rebuild(&shard, &mut st.ann, config);
+        Ok(true)
+    }
+
     // ---------------------------------------------------------------- snapshots
 
     /// Writes a snapshot of the current state (if anything changed since the last one), then
     /// deletes older snapshots and the log segments no snapshot or retention needs.
     pub fn snapshot(&self) -> Result<Option<Seq>> {
         let _one_at_a_time = self.snapshot_lock.lock();
+        let mut graphs: Vec<(String, quiver_index::HnswIndex)> = Vec::new();
         let (seq, libraries) = {
             // Hold the write lock only while collecting pointers: no writer is between
             // append and apply, so the state is exactly the fold of the log up to `seq`.
@@ -1043,13 +1221,16 @@ impl Engine {
                 return Ok(None);
             }
             let cat = self.catalog.read();
-            let mut libs: Vec<(Library, Vec<Arc<Document>>)> = cat
-                .shards()
-                .map(|s| {
-                    let st = s.state.read();
-                    (st.library.clone(), st.all_documents())
-                })
-                .collect();
+            let mut libs: Vec<(Library, Vec<Arc<Document>>)> = Vec::with_capacity(cat.len());
+            for s in cat.shards() {
+                let st = s.state.read();
+                libs.push((st.library.clone(), st.all_documents()));
+                // A graph is copied (memory speed) with its ids renumbered to the keys the
+                // snapshot's chunks get when loaded; it is written after the locks go.
+                if let Some(g) = st.graph_for_snapshot() {
+                    graphs.push((st.library.id.clone(), g));
+                }
+            }
             libs.sort_by_key(|(l, _)| l.created_at_ms);
             (seq, libs)
         };
@@ -1057,6 +1238,10 @@ impl Engine {
         self.log.sync_through(seq)?;
         let dir = self.config.data_dir.join("snapshots");
         let t = Instant::now();
+        for (library_id, graph) in &graphs {
+            snapshot::write_graph(&dir, seq, library_id, graph)?;
+        }
+        drop(graphs);
         let path = snapshot::write(&dir, seq, &libraries)?;
         self.last_snapshot_seq.store(seq, Ordering::Release);
         let size_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -1072,6 +1257,8 @@ impl Engine {
                 tracing::warn!("could not delete old snapshot {}: {e}", old.display());
             }
         }
+        let kept: Vec<Seq> = all.iter().take(2).map(|(s, _)| *s).collect();
+        snapshot::prune_graphs(&dir, &kept);
         let oldest_kept = all.iter().take(2).map(|(s, _)| *s).min().unwrap_or(seq);
         let deleted = self
             .log
@@ -1099,6 +1286,40 @@ impl Engine {
     }
 }
 
+/// Waits for a library's index build to finish, then appends `index.rebuilt` (with how long
+/// it took), so subscribers learn when the new index serves without polling.
+fn announce_when_built(
+    engine: std::sync::Weak<Engine>,
+    ctx: WriteCtx,
+    library_id: String,
+    started: Instant,
+) {
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let Some(e) = engine.upgrade() else { return };
+        if e.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(shard) = e.shard(&library_id) else {
+            return; // deleted meanwhile
+        };
+        let status = shard.state.read().index_status();
+        if status.building {
+            continue;
+        }
+        let data = serde_json::json!({
+            "library_id": library_id,
+            "index_type": status.index_type.as_str(),
+            "num_vectors": status.vectors,
+            "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+        });
+        if let Err(err) = e.append_system_event(&ctx, "index.rebuilt", Some(library_id), data) {
+            tracing::warn!("index.rebuilt was not recorded: {err}");
+        }
+        return;
+    }
+}
+
 fn snapshot_loop(engine: std::sync::Weak<Engine>) {
     loop {
         std::thread::park_timeout(Duration::from_millis(500));
@@ -1115,13 +1336,19 @@ fn snapshot_loop(engine: std::sync::Weak<Engine>) {
             .written_bytes
             .saturating_sub(e.log_bytes_at_snapshot.load(Ordering::Acquire));
         let last_snapshot_bytes = e.last_snapshot_size_bytes.load(Ordering::Acquire);
-        if behind >= e.config.snapshot_every_records && log_grown_bytes >= last_snapshot_bytes {
+        if behind >= e.config.snapshot_every_records
+            && log_grown_bytes >= last_snapshot_bytes.max(e.config.snapshot_min_log_bytes)
+        {
             if let Err(err) = e.snapshot() {
                 tracing::error!("snapshot failed: {err}");
             }
         }
     }
 }
+
+/// The model a library gets when it is created with neither `dimension` nor
+/// `embedding_model` (the same default Chroma ships), if the server's embedder knows it.
+pub const DEFAULT_EMBEDDING_MODEL: &str = "local:all-minilm-l6-v2";
 
 /// Largest application event payload, in bytes of JSON.
 pub const EVENT_DATA_BYTES_LIMIT: usize = 64 * 1024;
@@ -1165,9 +1392,52 @@ fn parse_index_type(s: Option<&str>) -> Result<IndexType> {
         Some(t) => IndexType::parse(t).ok_or_else(|| {
             EngineError::invalid(
                 "invalid_index_type",
-                format!("unknown index_type {t:?}; this server offers \"flat\""),
+                format!("unknown index_type {t:?}; this server offers \"flat\" and \"hnsw\""),
             )
         }),
+    }
+}
+
+/// The index a request asks for: a type with its parameters and quantization, each checked
+/// against its limits. Parameters for `flat` are refused rather than ignored.
+pub(crate) fn parse_index_config(
+    kind: Option<&str>,
+    params: Option<input::IndexParamsInput>,
+    quantization: Option<&input::QuantizationInput>,
+) -> Result<IndexType> {
+    let bad = |detail: String| EngineError::invalid("invalid_index_params", detail);
+    match parse_index_type(kind)? {
+        IndexType::Flat => {
+            if params.is_some() || quantization.is_some() {
+                return Err(bad(
+                    "`index_params` and `quantization` apply to index_type \"hnsw\" only".into(),
+                ));
+            }
+            Ok(IndexType::Flat)
+        }
+        IndexType::Hnsw(mut c) => {
+            if let Some(p) = params {
+                c.m = p.m.unwrap_or(c.m);
+                c.ef_construction = p.ef_construction.unwrap_or(c.ef_construction);
+                c.ef_search = p.ef_search.unwrap_or(c.ef_search);
+            }
+            if let Some(q) = quantization {
+                c.quantization = match q.kind.to_ascii_lowercase().as_str() {
+                    "none" => quiver_model::Quantization::None,
+                    "int8" | "scalar" | "sq8" => quiver_model::Quantization::Int8 {
+                        rescore: q.rescore.unwrap_or(true),
+                        oversampling: q.oversampling.unwrap_or(2.0),
+                    },
+                    other => {
+                        return Err(bad(format!(
+                            "unknown quantization type {other:?}; use \"int8\" or \"none\""
+                        )))
+                    }
+                };
+            }
+            c.validate().map_err(bad)?;
+            Ok(IndexType::Hnsw(c))
+        }
     }
 }
 

@@ -76,10 +76,40 @@ pub struct CreateLibrary {
     #[serde(default)]
     pub description: String,
     pub index_type: Option<String>,
+    /// HNSW parameters (`m`, `ef_construction`, `ef_search`); only with `index_type: "hnsw"`.
+    pub index_params: Option<IndexParamsInput>,
+    /// `{type: "int8", rescore?, oversampling?}`; only with `index_type: "hnsw"`.
+    pub quantization: Option<QuantizationInput>,
     pub metric: Option<String>,
     pub dimension: Option<u64>,
     pub embedding_model: Option<String>,
     pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IndexParamsInput {
+    pub m: Option<u32>,
+    pub ef_construction: Option<u32>,
+    pub ef_search: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizationInput {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub rescore: Option<bool>,
+    pub oversampling: Option<f32>,
+}
+
+/// Body of `PUT /v1/libraries/{id}/index`: the index to rebuild the library's searches on.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IndexChange {
+    pub index_type: Option<String>,
+    pub index_params: Option<IndexParamsInput>,
+    pub quantization: Option<QuantizationInput>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -109,6 +139,8 @@ pub struct SearchInput {
     pub distance_threshold: Option<f32>,
     #[serde(default)]
     pub include_embeddings: bool,
+    /// HNSW only: this query's candidate list size (overrides the library's `ef_search`).
+    pub ef_search: Option<u32>,
 }
 
 fn default_k() -> usize {
@@ -144,6 +176,25 @@ pub fn prepare_chunks(
     inputs: Vec<ChunkInput>,
     embedder: &dyn Embedder,
 ) -> Result<Vec<Chunk>, EngineError> {
+    let (mut chunks, needs) = prepare_chunks_deferred(library, document_id, inputs)?;
+    let mut one = [(&mut chunks, needs.as_slice())];
+    if let Some(e) = embed_pending(library, embedder, &mut one)
+        .into_iter()
+        .flatten()
+        .next()
+    {
+        return Err(e);
+    }
+    Ok(chunks)
+}
+
+/// Validates `chunks` against `library`; chunks that came as text only are returned with an
+/// empty embedding, their positions listed second, for [`embed_pending`] to fill.
+pub fn prepare_chunks_deferred(
+    library: &Library,
+    document_id: &str,
+    inputs: Vec<ChunkInput>,
+) -> Result<(Vec<Chunk>, Vec<usize>), EngineError> {
     if inputs.len() > CHUNKS_PER_DOCUMENT_LIMIT {
         return Err(Invalid::too_large(
             "too_many_chunks",
@@ -175,6 +226,12 @@ pub fn prepare_chunks(
                 })?
             }
             None => {
+                if c.text.trim().is_empty() {
+                    return Err(EngineError::invalid(
+                        "missing_vector",
+                        format!("chunk {i} has neither text nor a vector"),
+                    ));
+                }
                 needs_embedding.push(i);
                 Vec::new()
             }
@@ -194,51 +251,116 @@ pub fn prepare_chunks(
             format!("chunk id {:?} appears twice", dup.id),
         ));
     }
-    if !needs_embedding.is_empty() {
-        let texts: Vec<String> = needs_embedding
-            .iter()
-            .map(|&i| chunks[i].text.clone())
-            .collect();
-        if let Some(i) = needs_embedding
-            .iter()
-            .find(|&&i| chunks[i].text.trim().is_empty())
-        {
-            return Err(EngineError::invalid(
-                "missing_vector",
-                format!("chunk {i} has neither text nor a vector"),
-            ));
-        }
-        let vectors = embedder
-            .embed(
-                library.embedding_model.as_deref(),
-                &texts,
-                Purpose::Document,
-            )
-            .map_err(|e| EngineError::invalid("embedding_unavailable", e.to_string()))?;
-        if vectors.len() != texts.len() {
-            return Err(EngineError::Unavailable {
-                code: "embedding_failed",
-                detail: format!(
-                    "the embedding provider returned {} vectors for {} texts",
-                    vectors.len(),
-                    texts.len()
-                ),
-            });
-        }
-        for (&i, v) in needs_embedding.iter().zip(vectors) {
-            chunks[i].embedding = validate::vector(v, library.dimension, library.metric)?;
-        }
-    }
-    Ok(chunks)
+    Ok((chunks, needs_embedding))
 }
 
-/// Turns a document input into a document for `library`. Timestamps are set by the engine
-/// when it commits (it knows whether this replaces an existing document).
+/// How an embedding failure reaches the client: no model for this library or a model that is
+/// not installed (the message names the install command) is 422 `embedding_unavailable`;
+/// text the provider refuses is 422 `invalid_text`; a provider that failed or could not be
+/// reached is 503 `embedding_failed` with its reason. Nothing is committed in any case.
+pub fn embed_error(e: quiver_embed::EmbedError) -> EngineError {
+    use quiver_embed::EmbedError as E;
+    match e {
+        E::Unavailable(_) => EngineError::invalid("embedding_unavailable", e.to_string()),
+        E::InvalidInput(_) => EngineError::invalid("invalid_text", e.to_string()),
+        E::Provider(_) => EngineError::Unavailable {
+            code: "embedding_failed",
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// Embeds the text-only chunks of many items in one call (the provider batches and the
+/// registry merges concurrent callers), then validates each vector. Returns, per item, the
+/// error that item gets: the call's error for every item that needed it, or a bad vector for
+/// its own item only. Items that needed nothing always come back `None`.
+pub fn embed_pending(
+    library: &Library,
+    embedder: &dyn Embedder,
+    items: &mut [(&mut Vec<Chunk>, &[usize])],
+) -> Vec<Option<EngineError>> {
+    let mut out: Vec<Option<EngineError>> = (0..items.len()).map(|_| None).collect();
+    let texts: Vec<String> = items
+        .iter()
+        .flat_map(|(chunks, needs)| needs.iter().map(|&i| chunks[i].text.clone()))
+        .collect();
+    if texts.is_empty() {
+        return out;
+    }
+    let vectors = match embedder.embed(
+        library.embedding_model.as_deref(),
+        &texts,
+        Purpose::Document,
+    ) {
+        Ok(v) if v.len() == texts.len() => v,
+        Ok(v) => {
+            let detail = format!(
+                "the embedding provider returned {} vectors for {} texts",
+                v.len(),
+                texts.len()
+            );
+            for (slot, (_, needs)) in out.iter_mut().zip(items.iter()) {
+                if !needs.is_empty() {
+                    *slot = Some(EngineError::Unavailable {
+                        code: "embedding_failed",
+                        detail: detail.clone(),
+                    });
+                }
+            }
+            return out;
+        }
+        Err(e) => {
+            for (slot, (_, needs)) in out.iter_mut().zip(items.iter()) {
+                if !needs.is_empty() {
+                    *slot = Some(embed_error(e.clone()));
+                }
+            }
+            return out;
+        }
+    };
+    let mut vectors = vectors.into_iter();
+    for (slot, (chunks, needs)) in out.iter_mut().zip(items.iter_mut()) {
+        for &i in needs.iter() {
+            let Some(v) = vectors.next() else { break };
+            match validate::vector(v, library.dimension, library.metric) {
+                Ok(v) => chunks[i].embedding = v,
+                Err(e) => {
+                    if slot.is_none() {
+                        *slot = Some(e.into());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Turns a document input into a document for `library`, embedding its text-only chunks.
+/// Timestamps are set by the engine when it commits (it knows whether this replaces an
+/// existing document).
 pub fn prepare_document(
     library: &Library,
     input: DocumentInput,
     embedder: &dyn Embedder,
 ) -> Result<Document, EngineError> {
+    let (mut doc, needs) = prepare_document_deferred(library, input)?;
+    let mut one = [(&mut doc.chunks, needs.as_slice())];
+    if let Some(e) = embed_pending(library, embedder, &mut one)
+        .into_iter()
+        .flatten()
+        .next()
+    {
+        return Err(e);
+    }
+    Ok(doc)
+}
+
+/// [`prepare_document`] without the embedding: the positions of text-only chunks come back
+/// for [`embed_pending`], so a batch embeds all its texts in one call.
+pub fn prepare_document_deferred(
+    library: &Library,
+    input: DocumentInput,
+) -> Result<(Document, Vec<usize>), EngineError> {
     let id = match input.id {
         Some(id) => {
             validate::id("document", &id)?;
@@ -266,14 +388,17 @@ pub fn prepare_document(
             ..Default::default()
         }));
     }
-    let chunks = prepare_chunks(library, &id, chunk_inputs, embedder)?;
-    Ok(Document {
-        id,
-        library_id: library.id.clone(),
-        title: input.title,
-        metadata,
-        created_at_ms: 0,
-        updated_at_ms: 0,
-        chunks,
-    })
+    let (chunks, needs) = prepare_chunks_deferred(library, &id, chunk_inputs)?;
+    Ok((
+        Document {
+            id,
+            library_id: library.id.clone(),
+            title: input.title,
+            metadata,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            chunks,
+        },
+        needs,
+    ))
 }

@@ -12,11 +12,14 @@
 //! Layout:
 //! - [`engine`] — `Engine`: open/recover, the write paths, reads and search, snapshots.
 //! - [`state`] — the catalog and per-library shards; `apply(record)`.
+//! - `ann` — a library's HNSW graph beside its exact index: mirrored inserts/removes, rebuilds
+//!   beside the live state, swaps.
 //! - [`input`] — wire shapes of writes and their validation into domain values.
 //! - [`filter`] — metadata filters, parsed once and evaluated during the scan.
 //! - [`snapshot`] — the snapshot file format (log frames) and its checks.
 //! - [`error`] — `EngineError`, one variant per kind of HTTP status.
 
+mod ann;
 pub mod engine;
 pub mod error;
 pub mod events;

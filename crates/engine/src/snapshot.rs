@@ -9,9 +9,16 @@
 //! new one, never half of one. A snapshot is only written once the log is durable up to its
 //! `seq`, so it never contains a change whose record could still be lost.
 //!
+//! HNSW graphs are derived data saved beside their snapshot, one file per library
+//! (`snapshot-<seq>.<library id>.hnsw`, written atomically before the snapshot itself), with
+//! ids renumbered to the chunk keys the snapshot's documents get when loaded. Loading attaches
+//! a graph that passes its checks and matches the library's chunk count; anything else is
+//! reported and rebuilt in the background while searches run exact.
+//!
 //! Never trust a snapshot that fails any check: loading falls back to the previous one (and
 //! the log must still reach back to it, or start-up stops with a clear error).
 
+use crate::ann::{self, Ann, AnnSlot};
 use crate::error::{EngineError, Result};
 use crate::state::{self, Catalog};
 use parking_lot::RwLock;
@@ -28,6 +35,87 @@ const SUFFIX: &str = ".qsnap";
 
 pub(crate) fn file_name(seq: Seq) -> String {
     format!("snapshot-{seq:020}{SUFFIX}")
+}
+
+const GRAPH_SUFFIX: &str = ".hnsw";
+
+pub(crate) fn graph_file_name(seq: Seq, library_id: &str) -> String {
+    format!("snapshot-{seq:020}.{library_id}{GRAPH_SUFFIX}")
+}
+
+/// Writes one library's graph for the snapshot at `seq`.
+pub(crate) fn write_graph(
+    dir: &Path,
+    seq: Seq,
+    library_id: &str,
+    graph: &quiver_index::HnswIndex,
+) -> Result<()> {
+    let path = dir.join(graph_file_name(seq, library_id));
+    quiver_log::write_atomic(&path, |w| graph.write_to(w))?;
+    Ok(())
+}
+
+/// Deletes graph files that belong to no snapshot in `keep`.
+pub(crate) fn prune_graphs(dir: &Path, keep: &[Seq]) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.ends_with(GRAPH_SUFFIX) {
+            continue;
+        }
+        let seq = name
+            .strip_prefix("snapshot-")
+            .and_then(|s| s.get(..20))
+            .and_then(|s| s.parse::<Seq>().ok());
+        if seq.is_some_and(|s| !keep.contains(&s)) {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!("could not delete old graph {}: {e}", entry.path().display());
+            }
+        }
+    }
+}
+
+/// Gives every HNSW library of a freshly loaded catalog its graph: the snapshot's graph
+/// file when it is sound and complete, else a background rebuild (searches run exact
+/// meanwhile).
+fn attach_graphs(dir: &Path, seq: Seq, catalog: &Catalog) {
+    for shard in catalog.shards() {
+        let mut st = shard.state.write();
+        let AnnSlot::Deferred(config) = st.ann else {
+            continue;
+        };
+        let path = dir.join(graph_file_name(seq, &st.library.id));
+        let loaded = std::fs::File::open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+                quiver_index::HnswIndex::read_from(&mut r).map_err(|e| e.to_string())
+            });
+        match loaded {
+            Ok(graph)
+                if graph.len() == st.num_chunks
+                    && graph.dimension() == st.library.dimension as usize =>
+            {
+                st.ann = AnnSlot::Ready(Box::new(Ann::from_index(config, graph)));
+            }
+            Ok(graph) => {
+                tracing::warn!(
+                    "graph {} holds {} vectors, the library {}; rebuilding it",
+                    path.display(),
+                    graph.len(),
+                    st.num_chunks
+                );
+                ann::start_rebuild(shard, &mut st.ann, config);
+            }
+            Err(e) => {
+                tracing::warn!("graph {} not used ({e}); rebuilding it", path.display());
+                ann::start_rebuild(shard, &mut st.ann, config);
+            }
+        }
+    }
 }
 
 /// Snapshots in `dir`, newest first.
@@ -106,7 +194,10 @@ pub(crate) fn load(path: &Path) -> Result<(Seq, Catalog)> {
         path: path.display().to_string(),
         source: e,
     })?;
-    let catalog = RwLock::new(Catalog::default());
+    let catalog = RwLock::new(Catalog {
+        defer_graphs: true,
+        ..Catalog::default()
+    });
     let mut offset = 0usize;
     let mut expected: u64 = 1;
     let mut seq: Option<Seq> = None;
@@ -153,7 +244,12 @@ pub(crate) fn load(path: &Path) -> Result<(Seq, Catalog)> {
                 return Err(corrupt(path, offset + len, "bytes after the trailer"));
             }
             let seq = seq.ok_or_else(|| corrupt(path, 0, "no header"))?;
-            return Ok((seq, catalog.into_inner()));
+            let mut catalog = catalog.into_inner();
+            catalog.defer_graphs = false;
+            if let Some(dir) = path.parent() {
+                attach_graphs(dir, seq, &catalog);
+            }
+            return Ok((seq, catalog));
         } else {
             let rec = Record::decode(payload).map_err(|e| corrupt(path, offset, e))?;
             match rec.change {

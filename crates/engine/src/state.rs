@@ -7,6 +7,7 @@
 //! path and start-up replay call the same [`Catalog::apply`]. It must never read a clock,
 //! generate an id or consult anything outside the record, or replay would diverge.
 
+use crate::ann::{self, Ann, AnnSlot};
 use parking_lot::RwLock;
 use quiver_index::FlatIndex;
 use quiver_model::record::Change;
@@ -51,6 +52,24 @@ impl std::hash::Hasher for KeyHash {
     }
 }
 
+/// What `GET /v1/libraries/{id}/index` reports.
+#[derive(Clone, Debug)]
+pub struct IndexStatus {
+    pub index_type: quiver_model::IndexType,
+    pub vectors: usize,
+    /// The exact index (also the store the graph is rebuilt and rescored from).
+    pub flat_memory_bytes: usize,
+    /// The graph serving searches, when there is one.
+    pub graph_memory_bytes: Option<usize>,
+    pub graph_rows: Option<usize>,
+    pub tombstones: Option<usize>,
+    /// `"hnsw"` or `"flat"`: what answers searches right now.
+    pub serving: &'static str,
+    pub building: bool,
+    /// (current, total) rows of a running build.
+    pub progress: Option<(u64, u64)>,
+}
+
 /// Where an index row's chunk lives: its document (shared, immutable) and its position.
 #[derive(Clone)]
 pub(crate) struct ChunkLoc {
@@ -70,6 +89,8 @@ pub struct LibraryState {
     pub(crate) docs: BTreeMap<String, DocEntry>,
     pub(crate) index: FlatIndex,
     pub(crate) locs: HashMap<u64, ChunkLoc, KeyHasher>,
+    /// The approximate index, for `hnsw` libraries (see [`crate::ann`]).
+    pub(crate) ann: AnnSlot,
     next_key: u64,
     pub num_chunks: usize,
 }
@@ -85,15 +106,76 @@ pub struct Shard {
 pub struct ApplyError(pub String);
 
 impl LibraryState {
-    fn new(library: Library) -> Self {
+    /// A new, empty library. `defer_graph` (snapshot loading) leaves an HNSW graph to be
+    /// attached afterwards instead of growing it insert by insert.
+    fn new(library: Library, defer_graph: bool) -> Self {
         let index = FlatIndex::new(library.dimension as usize, index_metric(library.metric));
+        let ann = match library.index_type.hnsw() {
+            None => AnnSlot::None,
+            Some(c) if defer_graph => AnnSlot::Deferred(c),
+            Some(c) => AnnSlot::Ready(Box::new(Ann::new(&library, c))),
+        };
         LibraryState {
             library,
             docs: BTreeMap::new(),
             index,
             locs: HashMap::default(),
+            ann,
             next_key: 0,
             num_chunks: 0,
+        }
+    }
+
+    /// The stored (normalised, for cosine) vector of a chunk key.
+    pub(crate) fn vector_of(&self, key: u64) -> Option<&[f32]> {
+        self.locs
+            .get(&key)
+            .map(|l| &l.doc.chunks[l.idx as usize].embedding[..])
+    }
+
+    /// A copy of the serving graph with ids renumbered to the keys this state's chunks get
+    /// when a snapshot of it is loaded (documents in id order, chunks in order, from 0);
+    /// `None` for flat libraries and while a graph is being built.
+    pub(crate) fn graph_for_snapshot(&self) -> Option<quiver_index::HnswIndex> {
+        let AnnSlot::Ready(graph) = &self.ann else {
+            return None;
+        };
+        let mut renumber: HashMap<u64, u64, KeyHasher> = HashMap::default();
+        renumber.reserve(self.num_chunks);
+        let mut next = 0u64;
+        for entry in self.docs.values() {
+            for &(key, _) in &entry.rows {
+                renumber.insert(key, next);
+                next += 1;
+            }
+        }
+        Some(ann::renumbered(graph, &renumber))
+    }
+
+    /// Type, parameters, size and build state of the library's index.
+    pub fn index_status(&self) -> IndexStatus {
+        let (building, progress) = match &self.ann {
+            AnnSlot::Building { progress, .. } => (
+                true,
+                Some((
+                    progress.current.load(std::sync::atomic::Ordering::Relaxed),
+                    progress.total.load(std::sync::atomic::Ordering::Relaxed),
+                )),
+            ),
+            AnnSlot::Deferred(_) => (true, None),
+            _ => (false, None),
+        };
+        let serving = self.ann.serving();
+        IndexStatus {
+            index_type: self.library.index_type,
+            vectors: self.num_chunks,
+            flat_memory_bytes: self.index.memory_bytes(),
+            graph_memory_bytes: serving.map(|a| a.index.memory_bytes()),
+            graph_rows: serving.map(Ann::len),
+            tombstones: serving.map(|a| a.index.tombstones()),
+            serving: if serving.is_some() { "hnsw" } else { "flat" },
+            building,
+            progress,
         }
     }
 
@@ -105,8 +187,9 @@ impl LibraryState {
         self.docs.get(id).map(|e| &e.doc)
     }
 
+    /// Memory of the exact index plus the serving graph, measured from their allocations.
     pub fn index_memory_bytes(&self) -> usize {
-        self.index.memory_bytes()
+        self.index.memory_bytes() + self.ann.serving().map_or(0, |a| a.index.memory_bytes())
     }
 
     /// Documents in id order, starting after `after`.
@@ -138,6 +221,7 @@ impl LibraryState {
             let key = self.next_key;
             self.next_key += 1;
             let row = self.index.insert(key, &c.embedding);
+            self.ann.insert(key, &c.embedding);
             self.locs.insert(
                 key,
                 ChunkLoc {
@@ -154,6 +238,7 @@ impl LibraryState {
     fn remove_rows(&mut self, rows: &[(u64, u32)]) {
         for &(key, row) in rows {
             self.index.remove(row);
+            self.ann.remove(key);
             self.locs.remove(&key);
         }
         self.num_chunks -= rows.len();
@@ -241,6 +326,8 @@ impl LibraryState {
 pub struct Catalog {
     pub(crate) by_id: HashMap<String, Arc<Shard>>,
     pub(crate) by_name: HashMap<String, String>,
+    /// Set while a snapshot loads: HNSW graphs come from the snapshot's graph files.
+    pub(crate) defer_graphs: bool,
 }
 
 impl Catalog {
@@ -281,6 +368,16 @@ impl Catalog {
     }
 }
 
+/// A rebuild whose journal of concurrent changes outgrew its limit starts over from the
+/// current state (bounded memory; the old graph or the exact scan keeps serving).
+fn restart_overgrown_build(shard: &Arc<Shard>, st: &mut LibraryState) {
+    if st.ann.journal_full() {
+        if let Some(c) = st.ann.config() {
+            ann::start_rebuild(shard, &mut st.ann, c);
+        }
+    }
+}
+
 /// Folds one record into the state. Library changes take the catalog's write lock; document
 /// and chunk changes take it only to find the shard, so they never stall searches in other
 /// libraries while they wait for that library's readers.
@@ -297,10 +394,11 @@ pub fn apply(catalog: &RwLock<Catalog>, record: Record) -> Result<(), ApplyError
                 )));
             }
             cat.by_name.insert(lib.name.clone(), lib.id.clone());
+            let defer = cat.defer_graphs;
             cat.by_id.insert(
                 lib.id.clone(),
                 Arc::new(Shard {
-                    state: RwLock::new(LibraryState::new(lib)),
+                    state: RwLock::new(LibraryState::new(lib, defer)),
                 }),
             );
         }
@@ -313,6 +411,19 @@ pub fn apply(catalog: &RwLock<Catalog>, record: Record) -> Result<(), ApplyError
                     "library {} changed dimension or metric",
                     lib.id
                 )));
+            }
+            if st.library.index_type != lib.index_type {
+                // The index changes: flat drops the graph; a graph is built beside the live
+                // state (or starts empty) while searches keep what serves them now.
+                let st = &mut *st;
+                match lib.index_type.hnsw() {
+                    None => st.ann = AnnSlot::None,
+                    Some(c) if cat.defer_graphs => st.ann = AnnSlot::Deferred(c),
+                    Some(c) if st.num_chunks == 0 => {
+                        st.ann = AnnSlot::Ready(Box::new(Ann::new(&lib, c)))
+                    }
+                    Some(c) => ann::start_rebuild(&shard, &mut st.ann, c),
+                }
             }
             if st.library.name != lib.name {
                 if cat.by_name.contains_key(&lib.name) {
@@ -333,10 +444,10 @@ pub fn apply(catalog: &RwLock<Catalog>, record: Record) -> Result<(), ApplyError
             cat.by_name.remove(&name);
         }
         Change::DocumentUpserted { document, .. } => {
-            shard_of(&document.library_id)?
-                .state
-                .write()
-                .upsert(document);
+            let shard = shard_of(&document.library_id)?;
+            let mut st = shard.state.write();
+            st.upsert(document);
+            restart_overgrown_build(&shard, &mut st);
         }
         Change::DocumentDeleted {
             library_id,
@@ -349,10 +460,10 @@ pub fn apply(catalog: &RwLock<Catalog>, record: Record) -> Result<(), ApplyError
             document_id,
             chunks,
         } => {
-            shard_of(&library_id)?
-                .state
-                .write()
-                .add_chunks(&document_id, chunks, at_ms)?;
+            let shard = shard_of(&library_id)?;
+            let mut st = shard.state.write();
+            st.add_chunks(&document_id, chunks, at_ms)?;
+            restart_overgrown_build(&shard, &mut st);
         }
         Change::ChunkDeleted {
             library_id,

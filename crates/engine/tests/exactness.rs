@@ -157,6 +157,7 @@ fn search_equals_reference_for_every_metric_and_filter() {
                     filter: filter.clone(),
                     distance_threshold: threshold,
                     include_embeddings: false,
+                    ef_search: None,
                 };
                 let (hits, _) = engine.search(&lib, &req).unwrap();
                 assert!(

@@ -26,4 +26,4 @@ pub mod types;
 pub mod validate;
 
 pub use record::{Record, RecordMeta};
-pub use types::{Chunk, Document, IndexType, Library, Metric};
+pub use types::{Chunk, Document, HnswConfig, IndexType, Library, Metric, Quantization};

@@ -8,7 +8,7 @@
 //! Layout (version 1): `[version u8][meta][tag u8][body]`, fields as in [`crate::codec`].
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::types::{Chunk, Document, IndexType, Library, Metric};
+use crate::types::{Chunk, Document, HnswConfig, IndexType, Library, Metric, Quantization};
 use serde_json::Value;
 
 pub const RECORD_VERSION: u8 = 1;
@@ -348,11 +348,61 @@ fn put_library(w: &mut Writer, l: &Library) {
     w.str(&l.description);
     w.u32(l.dimension);
     w.u8(l.metric.code());
-    w.u8(l.index_type.code());
+    put_index_type(w, l.index_type);
     w.opt_str(l.embedding_model.as_deref());
     w.u64(l.created_at_ms);
     w.u64(l.updated_at_ms);
     w.map(&l.metadata);
+}
+
+/// Index type code, then (for HNSW only) its parameters: code 0 (`flat`) is one byte, as in
+/// logs written before HNSW existed, so those logs still read.
+fn put_index_type(w: &mut Writer, t: IndexType) {
+    w.u8(t.code());
+    if let IndexType::Hnsw(c) = t {
+        w.u32(c.m);
+        w.u32(c.ef_construction);
+        w.u32(c.ef_search);
+        match c.quantization {
+            Quantization::None => w.u8(0),
+            Quantization::Int8 {
+                rescore,
+                oversampling,
+            } => {
+                w.u8(1);
+                w.bool(rescore);
+                w.u32(oversampling.to_bits());
+            }
+        }
+    }
+}
+
+fn get_index_type(r: &mut Reader) -> Result<IndexType, DecodeError> {
+    match r.u8()? {
+        0 => Ok(IndexType::Flat),
+        1 => {
+            let m = r.u32()?;
+            let ef_construction = r.u32()?;
+            let ef_search = r.u32()?;
+            let quantization = match r.u8()? {
+                0 => Quantization::None,
+                1 => Quantization::Int8 {
+                    rescore: r.bool()?,
+                    oversampling: f32::from_bits(r.u32()?),
+                },
+                q => return Err(r.err(format!("unknown quantization code {q}"))),
+            };
+            let c = HnswConfig {
+                m,
+                ef_construction,
+                ef_search,
+                quantization,
+            };
+            c.validate().map_err(|e| r.err(e))?;
+            Ok(IndexType::Hnsw(c))
+        }
+        c => Err(r.err(format!("unknown index type code {c}"))),
+    }
 }
 
 fn get_library(r: &mut Reader) -> Result<Library, DecodeError> {
@@ -365,10 +415,7 @@ fn get_library(r: &mut Reader) -> Result<Library, DecodeError> {
             let c = r.u8()?;
             Metric::from_code(c).ok_or_else(|| r.err(format!("unknown metric code {c}")))?
         },
-        index_type: {
-            let c = r.u8()?;
-            IndexType::from_code(c).ok_or_else(|| r.err(format!("unknown index type code {c}")))?
-        },
+        index_type: get_index_type(r)?,
         embedding_model: r.opt_string()?,
         created_at_ms: r.u64()?,
         updated_at_ms: r.u64()?,
@@ -476,7 +523,29 @@ mod tests {
         };
         vec![
             Record::new(meta.clone(), Change::LibraryCreated(lib.clone())),
-            Record::new(meta.clone(), Change::LibraryUpdated(lib)),
+            Record::new(meta.clone(), Change::LibraryUpdated(lib.clone())),
+            Record::new(
+                meta.clone(),
+                Change::LibraryUpdated(Library {
+                    index_type: IndexType::Hnsw(HnswConfig {
+                        m: 24,
+                        ef_construction: 150,
+                        ef_search: 40,
+                        quantization: Quantization::Int8 {
+                            rescore: true,
+                            oversampling: 3.0,
+                        },
+                    }),
+                    ..lib.clone()
+                }),
+            ),
+            Record::new(
+                meta.clone(),
+                Change::LibraryCreated(Library {
+                    index_type: IndexType::Hnsw(HnswConfig::default()),
+                    ..lib
+                }),
+            ),
             Record::new(
                 meta.clone(),
                 Change::LibraryDeleted {

@@ -48,31 +48,116 @@ impl Metric {
     }
 }
 
-/// Which index serves a library's searches. `flat` is exact; approximate indexes arrive with
-/// their own issue and will be added here (the wire name is stable: `flat`, alias
-/// `brute_force` as the seeds spell it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Which index serves a library's searches. `flat` is exact (alias `brute_force`, as the
+/// seeds spell it); `hnsw` is the approximate graph index with its parameters. The choice is
+/// part of the library's record in the log, so a restart serves searches the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub enum IndexType {
     #[default]
     Flat,
+    Hnsw(HnswConfig),
+}
+
+/// Limits on HNSW parameters: they bound memory per vector (`m`) and work per insert and
+/// per query (`ef_*`).
+pub const HNSW_M_LIMIT: u32 = 128;
+pub const HNSW_EF_LIMIT: u32 = 4096;
+pub const OVERSAMPLING_LIMIT: f32 = 16.0;
+
+/// HNSW parameters as stored with the library: `m` neighbours per node (2·m on the bottom
+/// layer), the candidate list size while building, and the default candidate list size per
+/// query (a search may override it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HnswConfig {
+    pub m: u32,
+    pub ef_construction: u32,
+    pub ef_search: u32,
+    pub quantization: Quantization,
+}
+
+impl Default for HnswConfig {
+    fn default() -> Self {
+        HnswConfig {
+            m: 16,
+            ef_construction: 200,
+            ef_search: 64,
+            quantization: Quantization::None,
+        }
+    }
+}
+
+impl HnswConfig {
+    /// Checks every field against its limit; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(2..=HNSW_M_LIMIT).contains(&self.m) {
+            return Err(format!(
+                "index_params.m must be 2..={HNSW_M_LIMIT}, got {}",
+                self.m
+            ));
+        }
+        for (name, v) in [
+            ("ef_construction", self.ef_construction),
+            ("ef_search", self.ef_search),
+        ] {
+            if !(1..=HNSW_EF_LIMIT).contains(&v) {
+                return Err(format!(
+                    "index_params.{name} must be 1..={HNSW_EF_LIMIT}, got {v}"
+                ));
+            }
+        }
+        if let Quantization::Int8 { oversampling, .. } = self.quantization {
+            if !(oversampling.is_finite() && (1.0..=OVERSAMPLING_LIMIT).contains(&oversampling)) {
+                return Err(format!(
+                    "quantization.oversampling must be 1..={OVERSAMPLING_LIMIT}, got {oversampling}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How an approximate index stores its vectors: as given (`None`) or as int8 codes, with
+/// optional rescoring of `oversampling × k` candidates on the original vectors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Quantization {
+    None,
+    Int8 { rescore: bool, oversampling: f32 },
+}
+
+impl Quantization {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quantization::None => "none",
+            Quantization::Int8 { .. } => "int8",
+        }
+    }
 }
 
 impl IndexType {
     pub fn as_str(self) -> &'static str {
         match self {
             IndexType::Flat => "flat",
+            IndexType::Hnsw(_) => "hnsw",
         }
     }
     pub fn code(self) -> u8 {
-        0
+        match self {
+            IndexType::Flat => 0,
+            IndexType::Hnsw(_) => 1,
+        }
     }
-    pub fn from_code(c: u8) -> Option<IndexType> {
-        (c == 0).then_some(IndexType::Flat)
-    }
+    /// The index kind named by `s`, with default parameters.
     pub fn parse(s: &str) -> Option<IndexType> {
         match s.to_ascii_lowercase().as_str() {
             "flat" | "brute_force" | "bruteforce" | "exact" => Some(IndexType::Flat),
+            "hnsw" => Some(IndexType::Hnsw(HnswConfig::default())),
             _ => None,
+        }
+    }
+    pub fn hnsw(self) -> Option<HnswConfig> {
+        match self {
+            IndexType::Flat => None,
+            IndexType::Hnsw(c) => Some(c),
         }
     }
 }

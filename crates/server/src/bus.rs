@@ -265,6 +265,7 @@ pub enum SubscriberKind {
     Sse,
     Pull,
     WebSocket,
+    Webhook,
 }
 
 impl SubscriberKind {
@@ -273,6 +274,7 @@ impl SubscriberKind {
             SubscriberKind::Sse => "sse",
             SubscriberKind::Pull => "pull",
             SubscriberKind::WebSocket => "websocket",
+            SubscriberKind::Webhook => "webhook",
         }
     }
 }
@@ -823,9 +825,9 @@ async fn tail(inner: Arc<Inner>, mut next: Seq) {
                 let skim = Arc::clone(&inner);
                 let skimmed =
                     tokio::task::spawn_blocking(move || skim.skim_page_blocking(next, durable))
-                    .await
-                    .map_err(|e| BusError::Log(format!("the log reader task failed: {e}")))
-                    .and_then(|r| r);
+                        .await
+                        .map_err(|e| BusError::Log(format!("the log reader task failed: {e}")))
+                        .and_then(|r| r);
                 match skimmed {
                     Ok(Some(end_seq)) => {
                         next = end_seq + 1;

@@ -8,22 +8,26 @@
 //! Layout:
 //! - [`routes`] — one handler per route of the contract.
 //! - [`stream`] — NDJSON ingest, export and streamed search.
+//! - [`jobs`] — background jobs (`/v1/jobs`), run by the `quiver-jobs` crate.
 //! - [`slots`] — bounds on long-lived work (WebSocket sessions, NDJSON uploads).
 //! - [`ws`] — WebSocket sessions: requests and live events on one socket.
 //! - [`consumers`] — durable consumer groups, projections, semantic (`near`) subscriptions.
 //! - [`extract`] — JSON bodies with JSON errors; the write context (trace id, source).
 //! - [`render`] — how libraries, documents and hits look on the wire.
 //! - [`error`] — `ApiError` and the mapping from engine errors to statuses.
+//! - [`webhooks`] — webhook endpoints: durable, signed, retried delivery of the stream.
 
 pub mod bus;
 pub mod consumers;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod jobs;
 pub mod render;
 pub mod routes;
 pub mod slots;
 pub mod stream;
+pub mod webhooks;
 pub mod ws;
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -46,16 +50,39 @@ pub struct AppState {
     pub bus: Arc<bus::Bus>,
 }
 
-pub fn router(engine: Arc<Engine>) -> Router {
+/// The router over an engine, with its event bus and job workers (default configuration).
+pub fn router(engine: Arc<Engine>) -> Result<Router, quiver_jobs::JobError> {
     let bus = bus::Bus::start(&engine);
-    router_with_bus(engine, bus)
+    let jobs = quiver_jobs::Jobs::start(engine.clone(), quiver_jobs::JobsConfig::default())?;
+    Ok(router_with_bus(engine, bus, jobs))
 }
 
-/// The router over an engine and an already started event bus (so the caller can stop the
-/// bus at shutdown: SSE streams never end by themselves).
-pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
+/// The router over an engine, an already started event bus (so the caller can stop the bus
+/// at shutdown: SSE streams never end by themselves) and started job workers.
+pub fn router_with_bus(
+    engine: Arc<Engine>,
+    bus: Arc<bus::Bus>,
+    jobs: Arc<quiver_jobs::Jobs>,
+) -> Router {
+    app(engine, bus, jobs, None)
+}
+
+fn app(
+    engine: Arc<Engine>,
+    bus: Arc<bus::Bus>,
+    jobs: Arc<quiver_jobs::Jobs>,
+    hooks: Option<Arc<webhooks::Webhooks>>,
+) -> Router {
     let consumers = consumers::Service::start(&engine, &bus);
+    let jobs_state = jobs::JobsState {
+        engine: engine.clone(),
+        jobs,
+    };
     let state = AppState { bus, engine };
+    let extra = match hooks {
+        Some(h) => webhooks::router(h),
+        None => Router::new(),
+    };
     Router::new()
         .route("/health", get(routes::health))
         .route(
@@ -67,6 +94,10 @@ pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
             get(routes::get_library)
                 .patch(routes::patch_library)
                 .delete(routes::delete_library),
+        )
+        .route(
+            "/v1/libraries/{id}/index",
+            get(routes::get_index).put(routes::put_index),
         )
         .route(
             "/v1/libraries/{id}/documents",
@@ -98,6 +129,8 @@ pub fn router_with_bus(engine: Arc<Engine>, bus: Arc<bus::Bus>) -> Router {
         .merge(events::router())
         .merge(consumers::router())
         .layer(axum::Extension(consumers))
+        .merge(extra)
+        .merge(jobs::router(jobs_state))
         .fallback(routes::not_found)
         .layer(middleware::from_fn(trace_layer))
         .layer(DefaultBodyLimit::max(
@@ -128,20 +161,57 @@ async fn trace_layer(mut req: Request, next: Next) -> Response {
     resp
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Server settings beyond the engine's.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    pub webhooks: webhooks::WebhookConfig,
+    /// Job workers already started (the binary starts them with its flags); `None` starts
+    /// them in their default configuration.
+    pub jobs: Option<Arc<quiver_jobs::Jobs>>,
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, with job workers and webhooks in
+/// their default configuration.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, engine, ServeOptions::default(), shutdown).await
+}
+
+/// Serves the API with `options` until `shutdown` resolves; returns once the webhook workers
+/// have saved their positions and the job workers have stopped (running jobs stay running in
+/// the log and resume at the next start), so the caller can close the engine.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let jobs = match options.jobs {
+        Some(j) => j,
+        None => quiver_jobs::Jobs::start(engine.clone(), quiver_jobs::JobsConfig::default())
+            .map_err(std::io::Error::other)?,
+    };
     let bus = bus::Bus::start(&engine);
+    let hooks = webhooks::Webhooks::start(engine.clone(), bus.clone(), options.webhooks)
+        .map_err(std::io::Error::other)?;
     let stopper = bus.clone();
+    let hooks_stopper = hooks.clone();
     // Graceful shutdown waits for in-flight responses; stopping the bus ends every SSE stream
     // and long-poll so that wait is short and the engine gets to close cleanly.
-    axum::serve(listener, router_with_bus(engine, bus))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stopper.stop();
-        })
-        .await
+    let served = axum::serve(
+        listener,
+        app(engine, bus, jobs.clone(), Some(hooks.clone())),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        hooks_stopper.signal_stop();
+        stopper.stop();
+    })
+    .await;
+    hooks.stop().await;
+    let _ = tokio::task::spawn_blocking(move || jobs.stop()).await;
+    served
 }

@@ -2,13 +2,57 @@
 //! a document or a hit the same way. Library reads never include vectors; documents include
 //! them only when asked (`include_embeddings=true`).
 
+use quiver_engine::state::IndexStatus;
 use quiver_engine::{Hit, LibraryInfo};
 use quiver_model::time::rfc3339_ms;
-use quiver_model::{Chunk, Document};
+use quiver_model::{Chunk, Document, IndexType, Quantization};
 use serde_json::{json, Value};
+
+/// `index_params` and `quantization` of an index type (`null` for flat).
+fn index_params(t: IndexType) -> (Value, Value) {
+    match t {
+        IndexType::Flat => (Value::Null, Value::Null),
+        IndexType::Hnsw(c) => (
+            json!({"m": c.m, "ef_construction": c.ef_construction, "ef_search": c.ef_search}),
+            match c.quantization {
+                Quantization::None => Value::Null,
+                Quantization::Int8 {
+                    rescore,
+                    oversampling,
+                } => json!({"type": "int8", "rescore": rescore, "oversampling": oversampling}),
+            },
+        ),
+    }
+}
+
+pub fn index(st: &IndexStatus) -> Value {
+    let (params, quantization) = index_params(st.index_type);
+    json!({
+        "index_type": st.index_type.as_str(),
+        "index_params": params,
+        "quantization": quantization,
+        "serving": st.serving,
+        "num_vectors": st.vectors,
+        "graph_rows": st.graph_rows,
+        "tombstones": st.tombstones,
+        "memory_bytes": {
+            "exact": st.flat_memory_bytes,
+            "graph": st.graph_memory_bytes,
+        },
+        "build": {
+            "state": if st.building { "building" } else { "ready" },
+            "progress": st.progress.map(|(current, total)| json!({
+                "current": current,
+                "total": total,
+                "percentage": if total == 0 { 100.0 } else { current as f64 * 100.0 / total as f64 },
+            })),
+        },
+    })
+}
 
 pub fn library(info: &LibraryInfo) -> Value {
     let l = &info.library;
+    let (params, quantization) = index_params(l.index_type);
     json!({
         "id": l.id,
         "name": l.name,
@@ -16,6 +60,8 @@ pub fn library(info: &LibraryInfo) -> Value {
         "dimension": l.dimension,
         "metric": l.metric.as_str(),
         "index_type": l.index_type.as_str(),
+        "index_params": params,
+        "quantization": quantization,
         "embedding_model": l.embedding_model,
         "created_at": rfc3339_ms(l.created_at_ms),
         "updated_at": rfc3339_ms(l.updated_at_ms),

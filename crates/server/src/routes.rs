@@ -11,7 +11,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use quiver_engine::input::{ChunkInput, CreateLibrary, DocumentInput, PatchLibrary, SearchInput};
+use quiver_engine::input::{
+    ChunkInput, CreateLibrary, DocumentInput, IndexChange, PatchLibrary, SearchInput,
+};
 use quiver_engine::{EngineError, ItemOutcome};
 use quiver_model::limits::{BATCH_DOCUMENTS_LIMIT, PAGE_LIMIT};
 use serde::Deserialize;
@@ -82,6 +84,40 @@ pub async fn patch_library(
     Ok((
         seq_headers(c.seq),
         Json(with_seq(render::library(&c.value), c.seq)),
+    )
+        .into_response())
+}
+
+/// `GET /v1/libraries/{id}/index`: what serves searches, its parameters, sizes and build.
+pub async fn get_index(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let (status, seq) = s.engine.index_status(&id)?;
+    Ok((
+        seq_headers(seq),
+        Json(with_seq(render::index(&status), seq)),
+    )
+        .into_response())
+}
+
+/// `PUT /v1/libraries/{id}/index`: switches the index; 202 while the new one is built beside
+/// the old (which keeps answering searches), 200 when nothing needed building.
+pub async fn put_index(
+    State(s): State<AppState>,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<IndexChange>,
+) -> ApiResult<Response> {
+    let c = s.engine.set_index(&ctx, &id, req)?;
+    s.engine.wait_durable(c.seq).await?;
+    let (status, _) = s.engine.index_status(&id)?;
+    let code = if status.building {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        code,
+        seq_headers(c.seq),
+        Json(with_seq(render::index(&status), c.seq)),
     )
         .into_response())
 }

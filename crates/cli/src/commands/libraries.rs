@@ -19,12 +19,30 @@ pub enum LibrariesCommand {
     Create {
         /// Unique name of the library.
         name: String,
-        /// Length of every embedding stored in it.
+        /// Length of every embedding stored in it (follows `--model` when omitted).
         #[arg(long)]
-        dimension: u64,
+        dimension: Option<u64>,
+        /// Embedding model for chunks sent as text, e.g. `local:all-minilm-l6-v2`.
+        #[arg(long)]
+        model: Option<String>,
         /// Distance used by search (the server's default is cosine).
         #[arg(long, value_enum)]
         metric: Option<Metric>,
+        /// Index: `flat` (exact, the default) or `hnsw` (approximate).
+        #[arg(long)]
+        index: Option<String>,
+        /// HNSW: neighbours per node.
+        #[arg(long)]
+        m: Option<u32>,
+        /// HNSW: candidate list size while building.
+        #[arg(long)]
+        ef_construction: Option<u32>,
+        /// HNSW: default candidate list size per query.
+        #[arg(long)]
+        ef_search: Option<u32>,
+        /// HNSW: store int8 codes, rescored on the original vectors.
+        #[arg(long)]
+        int8: bool,
         /// Free-text description.
         #[arg(long)]
         description: Option<String>,
@@ -67,12 +85,43 @@ pub async fn run(client: &Client, cmd: LibrariesCommand) -> Result<ExitCode> {
         LibrariesCommand::Create {
             name,
             dimension,
+            model,
             metric,
+            index,
+            m,
+            ef_construction,
+            ef_search,
+            int8,
             description,
         } => {
-            let mut body = json!({"name": name, "dimension": dimension});
+            let mut body = json!({"name": name});
+            if let Some(d) = dimension {
+                body["dimension"] = json!(d);
+            }
+            if let Some(model) = model {
+                body["embedding_model"] = json!(model);
+            }
             if let Some(m) = metric {
                 body["metric"] = json!(m.as_str());
+            }
+            if let Some(i) = index {
+                body["index_type"] = json!(i);
+            }
+            let mut params = serde_json::Map::new();
+            for (key, v) in [
+                ("m", m),
+                ("ef_construction", ef_construction),
+                ("ef_search", ef_search),
+            ] {
+                if let Some(v) = v {
+                    params.insert(key.into(), json!(v));
+                }
+            }
+            if !params.is_empty() {
+                body["index_params"] = Value::Object(params);
+            }
+            if int8 {
+                body["quantization"] = json!({"type": "int8", "rescore": true});
             }
             if let Some(d) = description {
                 body["description"] = json!(d);

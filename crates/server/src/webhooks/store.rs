@@ -1,0 +1,100 @@
+//! Webhook files: one `<id>.json` per endpoint under `<data_dir>/webhooks/` (directory 0700,
+//! files 0600 because they hold secrets), each replaced atomically with
+//! `quiver_log::write_atomic`. Owns nothing else; must never write a secret anywhere but here.
+
+use super::{lock, Endpoint, Registration, Shared, WebhookError};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn file_of(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.json"))
+}
+
+/// Every registration in `dir` (none if it does not exist yet).
+pub(crate) fn load_all(dir: &Path) -> Result<Vec<Registration>, WebhookError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(WebhookError::Store(format!("{}: {e}", dir.display()))),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| WebhookError::Store(format!("{}: {e}", dir.display())))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // Temp files of an interrupted write start with '.'; the target is intact.
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        let path = entry.path();
+        let bytes = std::fs::read(&path)
+            .map_err(|e| WebhookError::Store(format!("{}: {e}", path.display())))?;
+        let reg: Registration = serde_json::from_slice(&bytes)
+            .map_err(|e| WebhookError::Store(format!("{}: {e}", path.display())))?;
+        out.push(reg);
+    }
+    Ok(out)
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), WebhookError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true).mode(0o700);
+    b.create(dir)
+        .map_err(|e| WebhookError::Store(format!("{}: {e}", dir.display())))
+}
+
+fn save_blocking(dir: &Path, ep: &Endpoint) -> Result<(), WebhookError> {
+    let _g = lock(&ep.save_lock);
+    if ep.deleted.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let (id, bytes) = {
+        let reg = lock(&ep.reg);
+        let bytes = serde_json::to_vec_pretty(&*reg)
+            .map_err(|e| WebhookError::Store(format!("cannot encode webhook {}: {e}", reg.id)))?;
+        (reg.id.clone(), bytes)
+    };
+    ensure_dir(dir)?;
+    quiver_log::write_atomic(&file_of(dir, &id), |w| {
+        use std::os::unix::fs::PermissionsExt;
+        // Before the secret is written: the temp file is private from its first byte.
+        w.get_ref()
+            .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        w.write_all(&bytes)
+    })
+    .map_err(|e| WebhookError::Store(e.to_string()))?;
+    *lock(&ep.last_saved) = Instant::now();
+    Ok(())
+}
+
+/// Writes the endpoint's current registration (off the async workers).
+pub(crate) async fn save(shared: &Arc<Shared>, ep: &Arc<Endpoint>) -> Result<(), WebhookError> {
+    let dir = shared.dir.clone();
+    let ep = Arc::clone(ep);
+    tokio::task::spawn_blocking(move || save_blocking(&dir, &ep))
+        .await
+        .map_err(|e| WebhookError::Store(format!("the writer task failed: {e}")))?
+}
+
+/// Marks the endpoint deleted and removes its file.
+pub(crate) async fn remove(shared: &Arc<Shared>, ep: &Arc<Endpoint>) -> Result<(), WebhookError> {
+    let dir = shared.dir.clone();
+    let ep = Arc::clone(ep);
+    tokio::task::spawn_blocking(move || {
+        let _g = lock(&ep.save_lock);
+        ep.deleted.store(true, Ordering::Release);
+        let id = lock(&ep.reg).id.clone();
+        let path = file_of(&dir, &id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(WebhookError::Store(format!("{}: {e}", path.display()))),
+        }
+    })
+    .await
+    .map_err(|e| WebhookError::Store(format!("the writer task failed: {e}")))?
+}
