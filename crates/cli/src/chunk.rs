@@ -9,6 +9,8 @@
 //! It must never lose or reorder text (other than folding the whitespace at a cut) and never
 //! return an empty chunk; it does no I/O, so it is tested on strings alone.
 
+use quiver_embed::chunk::{paragraphs, sentences};
+
 /// Target upper bound of one chunk, in characters.
 pub const CHUNK_CHARS: usize = 1000;
 
@@ -60,54 +62,6 @@ pub fn chunk_text(text: &str, max: usize) -> Vec<String> {
 
 fn chars(s: &str) -> usize {
     s.chars().count()
-}
-
-/// Non-empty, trimmed paragraphs: text between blank lines.
-fn paragraphs(text: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut start: Option<usize> = None;
-    let mut end = 0usize;
-    let mut offset = 0usize;
-    for line in text.split_inclusive('\n') {
-        if line.trim().is_empty() {
-            if let Some(s) = start.take() {
-                out.push(text[s..end].trim());
-            }
-        } else {
-            if start.is_none() {
-                start = Some(offset);
-            }
-            end = offset + line.len();
-        }
-        offset += line.len();
-    }
-    if let Some(s) = start {
-        out.push(text[s..end].trim());
-    }
-    out.retain(|p| !p.is_empty());
-    out
-}
-
-/// Sentences of a paragraph: cut after `.`, `!` or `?` followed by whitespace.
-fn sentences(para: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut start = 0usize;
-    let mut prev_end = false;
-    for (i, c) in para.char_indices() {
-        if prev_end && c.is_whitespace() {
-            let s = para[start..i].trim();
-            if !s.is_empty() {
-                out.push(s);
-            }
-            start = i;
-        }
-        prev_end = matches!(c, '.' | '!' | '?');
-    }
-    let s = para[start..].trim();
-    if !s.is_empty() {
-        out.push(s);
-    }
-    out
 }
 
 /// Packs the words of `s` into parts of at most `max` characters; a word longer than `max`

@@ -183,8 +183,9 @@ fn units(text: &str, max: usize, overlap: usize, count: &dyn Fn(&str) -> usize) 
     out
 }
 
-/// Non-empty, trimmed paragraphs: text between blank lines.
-fn paragraphs(text: &str) -> Vec<&str> {
+/// Non-empty, trimmed paragraphs: text between blank lines. (Also the CLI's character-budget
+/// chunker's first cut, so both split text the same way.)
+pub fn paragraphs(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut start: Option<usize> = None;
     let mut end = 0usize;
@@ -210,7 +211,7 @@ fn paragraphs(text: &str) -> Vec<&str> {
 }
 
 /// Sentences of a paragraph: cut after `.`, `!` or `?` followed by whitespace.
-fn sentences(para: &str) -> Vec<&str> {
+pub fn sentences(para: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut start = 0usize;
     let mut prev_end = false;
