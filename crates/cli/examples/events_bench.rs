@@ -27,6 +27,10 @@
 //! (client, event) pairs.
 //!
 //! Targets: `quiver-always` (`--fsync always`, group commit, ack after fdatasync),
+//! `quiver-always-ndjson` / `quiver-never-ndjson` / `quiver-1s-ndjson` (the same servers, but
+//! each publisher holds one NDJSON `POST /v1/events` request and sends one line per event,
+//! still one event in flight: an acknowledgement per line, without an HTTP request each —
+//! as a NATS client publishes on its connection),
 //! `quiver-1s` (`--fsync interval=1000`), `quiver-never` (`--fsync never`), `jetstream` (file
 //! storage, the server's own sync policy: 2.9 acks without an fsync per message),
 //! `jetstream-always` (`sync_interval: always`, when the nats-server supports it),
@@ -364,6 +368,13 @@ enum Publisher {
         url: String,
         event_type: String,
     },
+    /// `POST /v1/events` as NDJSON: one long request per publisher, one line per event, one
+    /// status line back per event once it is durable (the pipelined path).
+    QuiverStream {
+        http: reqwest::Client,
+        url: String,
+        event_type: String,
+    },
     Nats {
         js: async_nats::jetstream::Context,
         subject: String,
@@ -377,6 +388,68 @@ enum Publisher {
 enum Conn {
     None,
     Redis(redis::aio::MultiplexedConnection),
+    QuiverStream {
+        lines: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+        acks: tokio::sync::mpsc::Receiver<Result<u64, String>>,
+    },
+}
+
+/// Opens one NDJSON publish request: lines go out through `lines`, each status line's seq (or
+/// error) comes back on `acks`, in order.
+async fn quiver_stream_conn(http: &reqwest::Client, url: &str) -> Result<Conn> {
+    let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(64);
+    let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<Result<u64, String>>(1024);
+    let body = reqwest::Body::wrap_stream(futures::stream::unfold(line_rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let request = http
+        .post(url)
+        .header("content-type", "application/x-ndjson")
+        .body(body);
+    tokio::spawn(async move {
+        let resp = match request.send().await {
+            Ok(r) if r.status().as_u16() == 200 => r,
+            Ok(r) => {
+                let _ = ack_tx
+                    .send(Err(format!("NDJSON publish: {}", r.status())))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = ack_tx.send(Err(format!("NDJSON publish: {e}"))).await;
+                return;
+            }
+        };
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else { return };
+            buf.extend_from_slice(&chunk);
+            let mut start = 0;
+            while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
+                let line = &buf[start..start + nl];
+                start += nl + 1;
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if v.get("summary").is_some() {
+                    continue;
+                }
+                let ack = match v["seq"].as_u64() {
+                    Some(seq) if v["ok"] == true => Ok(seq),
+                    _ => Err(format!("NDJSON publish: {v}")),
+                };
+                if ack_tx.send(ack).await.is_err() {
+                    return;
+                }
+            }
+            buf.drain(..start);
+        }
+    });
+    Ok(Conn::QuiverStream {
+        lines: line_tx,
+        acks: ack_rx,
+    })
 }
 
 impl Publisher {
@@ -385,6 +458,7 @@ impl Publisher {
             Publisher::Redis { client, .. } => {
                 Conn::Redis(client.get_multiplexed_async_connection().await?)
             }
+            Publisher::QuiverStream { http, url, .. } => quiver_stream_conn(http, url).await?,
             _ => Conn::None,
         })
     }
@@ -421,6 +495,19 @@ impl Publisher {
                 }
                 seq.context("no x-quiver-seq header")
             }
+            (Publisher::QuiverStream { event_type, .. }, Conn::QuiverStream { lines, acks }) => {
+                let line = format!("{{\"type\":\"{event_type}\",\"data\":{payload}}}\n");
+                lines
+                    .send(Ok(line.into_bytes()))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("the NDJSON publish request ended"))?;
+                match acks.recv().await {
+                    Some(Ok(seq)) => Ok(seq),
+                    Some(Err(e)) => bail!("{e}"),
+                    None => bail!("the NDJSON publish reply ended"),
+                }
+            }
+            (Publisher::QuiverStream { .. }, _) => bail!("no NDJSON publish stream"),
             (Publisher::Nats { js, subject }, _) => {
                 js.publish(subject.clone(), payload.into())
                     .await
@@ -439,7 +526,7 @@ impl Publisher {
                     .await?;
                 Ok(k)
             }
-            (Publisher::Redis { .. }, Conn::None) => bail!("no redis connection"),
+            (Publisher::Redis { .. }, _) => bail!("no redis connection"),
         }
     }
 }
@@ -741,6 +828,7 @@ async fn quiver_phase(
     phase: usize,
     rate: Rate,
     sse_clients: usize,
+    ndjson: bool,
     row: &mut Row,
 ) -> Result<()> {
     let event_type = format!("bench.p{phase}");
@@ -769,10 +857,19 @@ async fn quiver_phase(
                 .context("an SSE client failed to connect")?;
         }
     }
-    let publisher = Publisher::Quiver {
-        http: http_client(args.publishers)?,
-        url: format!("{base}/v1/events"),
-        event_type,
+    let (http, url) = (http_client(args.publishers)?, format!("{base}/v1/events"));
+    let publisher = if ndjson {
+        Publisher::QuiverStream {
+            http,
+            url,
+            event_type,
+        }
+    } else {
+        Publisher::Quiver {
+            http,
+            url,
+            event_type,
+        }
     };
     let (sent, issued, start_ns) = run_publishers(
         publisher,
@@ -958,6 +1055,9 @@ async fn redis_phase(
 fn durability(target: &str) -> &'static str {
     match target {
         "quiver-always" => "`--fsync always`: group commit, 201 after fdatasync",
+        "quiver-always-ndjson" => "`--fsync always`, NDJSON publish: each line's ack after fdatasync",
+        "quiver-1s-ndjson" => "`--fsync interval=1000`, NDJSON publish",
+        "quiver-never-ndjson" => "`--fsync never`, NDJSON publish: ack after write(2)",
         "quiver-1s" => "`--fsync interval=1000`: 201 after write(2), fdatasync every 1 s",
         "quiver-never" => "`--fsync never`: 201 after write(2), no fsync",
         "jetstream" => "file storage, server default: ack after the store write, no fsync per message (fsync of blocks every 2 min)",
@@ -986,8 +1086,14 @@ async fn run_target(
         ..Default::default()
     };
     match target {
-        "quiver-always" | "quiver-1s" | "quiver-never" => {
-            let fsync = match target {
+        "quiver-always"
+        | "quiver-1s"
+        | "quiver-never"
+        | "quiver-always-ndjson"
+        | "quiver-1s-ndjson"
+        | "quiver-never-ndjson" => {
+            let ndjson = target.ends_with("-ndjson");
+            let fsync = match target.trim_end_matches("-ndjson") {
                 "quiver-always" => "always",
                 "quiver-1s" => "interval=1000",
                 _ => "never",
@@ -1000,7 +1106,7 @@ async fn run_target(
                 with_cpu(
                     proc.pid(),
                     &mut row,
-                    quiver_phase(args, &base, *phase, rate, 1, &mut inner),
+                    quiver_phase(args, &base, *phase, rate, 1, ndjson, &mut inner),
                 )
                 .await?;
                 row = Row {
@@ -1011,7 +1117,7 @@ async fn run_target(
                 eprintln!("  {target} {}: {row:?}", row.rate);
                 rows.push(row);
             }
-            if target == "quiver-always" && args.fanout_clients > 0 {
+            if target.starts_with("quiver-always") && args.fanout_clients > 0 {
                 *phase += 1;
                 let mut row = new_row(format!(
                     "{}/s, {} SSE clients",
@@ -1027,6 +1133,7 @@ async fn run_target(
                         *phase,
                         Rate::Fixed(args.fanout_rate),
                         args.fanout_clients,
+                        ndjson,
                         &mut inner,
                     ),
                 )

@@ -538,6 +538,7 @@ impl Consumer {
                 "max_distance": n.max_distance,
                 "metric": n.metric.as_str(),
                 "query": n.query,
+                "filter": n.filter,
             })),
         })
     }

@@ -9,12 +9,15 @@
 //! must be a pure function of the record, so a replay delivers exactly what the live stream
 //! delivered.
 
+use quiver_engine::filter::Filter;
 use quiver_model::record::Change;
-use quiver_model::{Chunk, Metric, Record};
+use quiver_model::{Chunk, Document, Metric, Record};
 use serde::{Deserialize, Serialize};
+use std::sync::OnceLock;
 
 /// A subscription's vector (already validated: the library's dimension, finite, normalised
-/// for cosine), its threshold and the metric of its library.
+/// for cosine), its threshold, the metric of its library, and an optional metadata filter
+/// that a chunk must also pass (the search filter language, [`quiver_engine::filter`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NearSpec {
     pub embedding: Vec<f32>,
@@ -23,6 +26,13 @@ pub struct NearSpec {
     /// The text the vector was embedded from, when it came from `near.query`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
+    /// The metadata filter as the client gave it (validated when the spec was built); stored
+    /// as JSON so a consumer's state file keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<serde_json::Value>,
+    /// `filter`, parsed on first use.
+    #[serde(skip)]
+    compiled: OnceLock<Option<Filter>>,
 }
 
 /// The closest chunk of a record that is within the distance.
@@ -65,15 +75,107 @@ pub fn chunks_of(record: &Record) -> Option<&[Chunk]> {
     }
 }
 
+/// The document a filter sees for `record`'s chunks: the whole document of an upsert; for
+/// `chunk.added` the record holds only the document's id and library, so conditions on the
+/// document's title or metadata do not match there (the test stays a function of the
+/// record alone, so a replay delivers what the live stream delivered).
+fn document_of(record: &Record) -> Option<std::borrow::Cow<'_, Document>> {
+    match &record.change {
+        Change::DocumentUpserted { document, .. } => Some(std::borrow::Cow::Borrowed(document)),
+        Change::ChunksAdded {
+            library_id,
+            document_id,
+            ..
+        } => Some(std::borrow::Cow::Owned(Document {
+            id: document_id.clone(),
+            library_id: library_id.clone(),
+            title: String::new(),
+            metadata: Default::default(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            chunks: Vec::new(),
+        })),
+        _ => None,
+    }
+}
+
+/// A filter no chunk passes: `must_not` of the filter every chunk passes.
+fn match_nothing() -> Filter {
+    let everything = Filter::Bool {
+        must: vec![],
+        should: vec![],
+        must_not: vec![],
+    };
+    Filter::Bool {
+        must: vec![],
+        should: vec![],
+        must_not: vec![everything],
+    }
+}
+
 impl NearSpec {
-    /// The closest chunk of `record` within `max_distance`, if any. Chunks of another
-    /// dimension (another library's vectors) never match.
+    pub fn new(
+        embedding: Vec<f32>,
+        max_distance: f32,
+        metric: Metric,
+        query: Option<String>,
+    ) -> Self {
+        NearSpec {
+            embedding,
+            max_distance,
+            metric,
+            query,
+            filter: None,
+            compiled: OnceLock::new(),
+        }
+    }
+
+    /// Adds a metadata filter, checked now: an invalid one is refused with the reason.
+    pub fn with_filter(
+        mut self,
+        filter: Option<serde_json::Value>,
+    ) -> Result<Self, quiver_model::validate::Invalid> {
+        let parsed = match &filter {
+            None => None,
+            Some(v) => Filter::parse(v)?,
+        };
+        self.filter = filter;
+        self.compiled = OnceLock::from(parsed);
+        Ok(self)
+    }
+
+    fn compiled_filter(&self) -> Option<&Filter> {
+        self.compiled
+            .get_or_init(|| {
+                // Validated when the spec was built; a stored filter that no longer parses
+                // (it cannot, short of a hand-edited state file) matches nothing.
+                let v = self.filter.as_ref()?;
+                match Filter::parse(v) {
+                    Ok(f) => f,
+                    Err(_) => Some(match_nothing()),
+                }
+            })
+            .as_ref()
+    }
+
+    /// The closest chunk of `record` within `max_distance` that passes the filter, if any.
+    /// Chunks of another dimension (another library's vectors) never match.
     pub fn check(&self, record: &Record) -> Option<NearMatch> {
         let chunks = chunks_of(record)?;
+        let filter = self.compiled_filter();
+        let document = match filter {
+            Some(_) => document_of(record),
+            None => None,
+        };
         let mut best: Option<NearMatch> = None;
         for chunk in chunks {
             if chunk.embedding.len() != self.embedding.len() {
                 continue;
+            }
+            if let (Some(f), Some(doc)) = (filter, document.as_deref()) {
+                if !f.matches(doc, chunk) {
+                    continue;
+                }
             }
             let d = distance(self.metric, &self.embedding, &chunk.embedding);
             if d.is_finite()
@@ -115,12 +217,7 @@ mod tests {
                 chunks: vec![chunk("far", vec![10.0, 0.0]), chunk("near", vec![1.0, 0.5])],
             },
         );
-        let spec = NearSpec {
-            embedding: vec![1.0, 0.0],
-            max_distance: 1.0,
-            metric: Metric::L2,
-            query: None,
-        };
+        let spec = NearSpec::new(vec![1.0, 0.0], 1.0, Metric::L2, None);
         let m = spec.check(&record).unwrap();
         assert_eq!(m.chunk_id, "near");
         assert!((m.distance - 0.5).abs() < 1e-6);
@@ -156,5 +253,46 @@ mod tests {
             spec.check(&doc).is_none(),
             "another dimension never matches"
         );
+    }
+
+    fn tagged(id: &str, v: Vec<f32>, lang: &str) -> Chunk {
+        let mut c = chunk(id, v);
+        c.metadata
+            .insert("lang".into(), serde_json::Value::String(lang.into()));
+        c
+    }
+
+    #[test]
+    fn a_metadata_filter_narrows_the_chunks_that_can_match() {
+        let record = Record::new(
+            RecordMeta::default(),
+            Change::ChunksAdded {
+                library_id: "l".into(),
+                document_id: "d".into(),
+                chunks: vec![
+                    tagged("en", vec![1.0, 0.1], "en"),
+                    tagged("fr", vec![1.0, 0.3], "fr"),
+                ],
+            },
+        );
+        let any = NearSpec::new(vec![1.0, 0.0], 1.0, Metric::L2, None);
+        assert_eq!(any.check(&record).unwrap().chunk_id, "en");
+        let fr = any
+            .clone()
+            .with_filter(Some(serde_json::json!({"lang": "fr"})))
+            .unwrap();
+        assert_eq!(fr.check(&record).unwrap().chunk_id, "fr");
+        let de = any
+            .clone()
+            .with_filter(Some(serde_json::json!({"lang": "de"})))
+            .unwrap();
+        assert!(de.check(&record).is_none());
+        // Stored and read back (a consumer's state file): the filter still applies.
+        let back: NearSpec = serde_json::from_str(&serde_json::to_string(&fr).unwrap()).unwrap();
+        assert_eq!(back.check(&record).unwrap().chunk_id, "fr");
+        let bad = any.with_filter(Some(
+            serde_json::json!({"field": "x", "op": "nope", "value": 1}),
+        ));
+        assert_eq!(bad.unwrap_err().code, "invalid_filter");
     }
 }

@@ -14,6 +14,7 @@
 //! from durable log records. Why: the log is the database and the stream is that log, so a
 //! subscriber must be able to trust "I saw seq N" to mean "I saw everything up to N".
 
+use axum::body::Bytes;
 use quiver_engine::events::{event_of, Event};
 use quiver_engine::Engine;
 use quiver_log::{FileLog, LogError, Seq};
@@ -24,7 +25,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 /// Frames the live tail holds; a subscriber further behind catches up from disk.
 pub const BROADCAST_CAPACITY_DEFAULT: usize = 4096;
@@ -36,8 +37,12 @@ pub const SUBSCRIBERS_LIMIT: usize = 10_000;
 pub const PAGE_RECORDS_LIMIT: usize = 256;
 /// About the most payload bytes one log read returns (at least one record).
 pub const PAGE_BYTES_LIMIT: usize = 1 << 20;
-/// Delivery latency samples kept (a ring of the most recent).
-pub const LATENCY_SAMPLES_LIMIT: usize = 10_000;
+/// Delivery latency is summarised over this window (the current one and the one before).
+pub const LATENCY_WINDOW_MS: u64 = 60_000;
+/// Latencies below this many ms have a bucket each; above, one bucket per power of two.
+const LATENCY_LINEAR_BUCKETS: usize = 1024;
+/// One bucket per power of two from 2^10 to 2^63.
+const LATENCY_BUCKETS: usize = LATENCY_LINEAR_BUCKETS + 54;
 /// Distinct event types counted by name; further types are counted under `"other"`.
 pub const EVENT_TYPES_TRACKED_LIMIT: usize = 1000;
 /// Most type patterns in one filter, and the longest pattern in bytes.
@@ -53,6 +58,9 @@ pub struct EventFrame {
     pub json: Arc<str>,
     cloudevent: OnceLock<Arc<str>>,
     websocket: OnceLock<Arc<str>>,
+    /// The whole SSE frame (`id:`, `event:`, `data:`, blank line) per [`Format`], built by
+    /// the first subscriber that needs it and then shared: fan-out copies no JSON.
+    sse: [OnceLock<Bytes>; 2],
 }
 
 impl EventFrame {
@@ -64,6 +72,7 @@ impl EventFrame {
             event,
             cloudevent: OnceLock::new(),
             websocket: OnceLock::new(),
+            sse: [OnceLock::new(), OnceLock::new()],
         }
     }
 
@@ -111,6 +120,34 @@ impl EventFrame {
             Format::CloudEvents => self.cloudevent(),
         }
     }
+
+    /// The complete SSE frame in `format`, rendered once per event and shared (a clone is a
+    /// reference count, not a copy).
+    pub fn sse(&self, format: Format) -> &Bytes {
+        let slot = match format {
+            Format::Envelope => &self.sse[0],
+            Format::CloudEvents => &self.sse[1],
+        };
+        slot.get_or_init(|| sse_frame_bytes(self.seq, self.event_type(), self.rendered(format)))
+    }
+}
+
+/// `id: <seq>\nevent: <type>\ndata: <json>\n\n`. The JSON is compact (one line) and event
+/// types never hold line breaks (they are validated at append), so one `data:` line carries
+/// the whole payload; a stray line break would be split into further `data:` lines, which
+/// an SSE client joins back, rather than corrupt the stream.
+pub fn sse_frame_bytes(seq: Seq, event_type: &str, data: &str) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + event_type.len() + 40);
+    out.extend_from_slice(b"id: ");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.extend_from_slice(b"\nevent: ");
+    out.extend(event_type.bytes().filter(|b| *b != b'\n' && *b != b'\r'));
+    for line in data.split('\n') {
+        out.extend_from_slice(b"\ndata: ");
+        out.extend_from_slice(line.trim_end_matches('\r').as_bytes());
+    }
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
 }
 
 /// How events are rendered on the wire.
@@ -318,24 +355,123 @@ impl Default for BusConfig {
     }
 }
 
-#[derive(Default)]
-struct LatencyRing {
-    samples_ms: Vec<u64>,
-    next: usize,
+/// Delivery latencies of one window: a count per bucket, lock-free, so that a thousand
+/// subscribers recording at once never queue on a mutex.
+struct LatencyWindow {
+    /// `now_ms / LATENCY_WINDOW_MS` of the window these counts belong to.
+    window: AtomicU64,
+    buckets: Box<[AtomicU64]>,
+    sum_ms: AtomicU64,
 }
 
-impl LatencyRing {
-    fn push(&mut self, ms: u64) {
-        if self.samples_ms.len() < LATENCY_SAMPLES_LIMIT {
-            self.samples_ms.push(ms);
-        } else {
-            self.samples_ms[self.next] = ms;
-            self.next = (self.next + 1) % LATENCY_SAMPLES_LIMIT;
+impl LatencyWindow {
+    fn new() -> Self {
+        LatencyWindow {
+            window: AtomicU64::new(u64::MAX),
+            buckets: (0..LATENCY_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            sum_ms: AtomicU64::new(0),
         }
     }
 }
 
-/// Delivery latency (commit → handed to the connection) over the recent samples.
+/// Which bucket holds `ms`: one per ms below [`LATENCY_LINEAR_BUCKETS`], then one per power
+/// of two.
+fn latency_bucket(ms: u64) -> usize {
+    if (ms as usize) < LATENCY_LINEAR_BUCKETS {
+        ms as usize
+    } else {
+        let log2 = 63 - ms.leading_zeros() as usize; // ≥ 10
+        (LATENCY_LINEAR_BUCKETS + log2 - 10).min(LATENCY_BUCKETS - 1)
+    }
+}
+
+/// The smallest latency a bucket holds (what a quantile reports).
+fn latency_bucket_floor_ms(bucket: usize) -> u64 {
+    if bucket < LATENCY_LINEAR_BUCKETS {
+        bucket as u64
+    } else {
+        1u64 << (bucket - LATENCY_LINEAR_BUCKETS + 10)
+    }
+}
+
+/// Commit → delivery latency over the current and the previous [`LATENCY_WINDOW_MS`]: two
+/// windows used in turn, the older one reset when time moves on.
+struct Latency {
+    windows: [LatencyWindow; 2],
+}
+
+impl Latency {
+    fn new() -> Self {
+        Latency {
+            windows: [LatencyWindow::new(), LatencyWindow::new()],
+        }
+    }
+
+    fn record(&self, now_ms: u64, latency_ms: u64) {
+        let window = now_ms / LATENCY_WINDOW_MS;
+        let w = &self.windows[(window % 2) as usize];
+        let held = w.window.load(Ordering::Acquire);
+        if held != window
+            && w.window
+                .compare_exchange(held, window, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            // This thread moved the slot to a new window: clear the old counts. A record
+            // racing the reset may be lost or kept; the summary is a statistic, not a ledger.
+            for b in w.buckets.iter() {
+                b.store(0, Ordering::Relaxed);
+            }
+            w.sum_ms.store(0, Ordering::Relaxed);
+        }
+        w.buckets[latency_bucket(latency_ms)].fetch_add(1, Ordering::Relaxed);
+        w.sum_ms.fetch_add(latency_ms, Ordering::Relaxed);
+    }
+
+    fn summary(&self, now_ms: u64) -> LatencySummary {
+        let window = now_ms / LATENCY_WINDOW_MS;
+        let mut counts = vec![0u64; LATENCY_BUCKETS];
+        let mut sum_ms = 0u64;
+        for w in &self.windows {
+            let held = w.window.load(Ordering::Acquire);
+            if held != window && held.checked_add(1) != Some(window) {
+                continue;
+            }
+            for (c, b) in counts.iter_mut().zip(w.buckets.iter()) {
+                *c += b.load(Ordering::Relaxed);
+            }
+            sum_ms += w.sum_ms.load(Ordering::Relaxed);
+        }
+        let n: u64 = counts.iter().sum();
+        let quantile = |q: f64| -> u64 {
+            if n == 0 {
+                return 0;
+            }
+            let rank = ((q * n as f64).ceil() as u64).clamp(1, n);
+            let mut seen = 0u64;
+            for (bucket, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    return latency_bucket_floor_ms(bucket);
+                }
+            }
+            latency_bucket_floor_ms(LATENCY_BUCKETS - 1)
+        };
+        LatencySummary {
+            avg_ms: if n == 0 {
+                0.0
+            } else {
+                sum_ms as f64 / n as f64
+            },
+            p50_ms: quantile(0.5),
+            p99_ms: quantile(0.99),
+            samples: usize::try_from(n).unwrap_or(usize::MAX),
+            sum_ms,
+        }
+    }
+}
+
+/// Delivery latency (commit → handed to the connection) over the last one to two
+/// [`LATENCY_WINDOW_MS`]; quantiles are exact to the ms below 1,024 ms.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LatencySummary {
     pub avg_ms: f64,
@@ -396,7 +532,7 @@ struct Inner {
     total_catch_ups: AtomicU64,
     events_by_type: Mutex<BTreeMap<String, u64>>,
     error_counts: Mutex<BTreeMap<String, u64>>,
-    latency: Mutex<LatencyRing>,
+    latency: Latency,
     started_at: Instant,
 }
 
@@ -460,8 +596,9 @@ impl Inner {
     fn record_delivery(&self, frame: &EventFrame, record_latency: bool) {
         self.total_delivered.fetch_add(1, Ordering::Relaxed);
         if record_latency {
-            let ms = now_ms().saturating_sub(frame.event.timestamp_ms);
-            lock(&self.latency).push(ms);
+            let now = now_ms();
+            self.latency
+                .record(now, now.saturating_sub(frame.event.timestamp_ms));
         }
     }
 
@@ -570,7 +707,7 @@ impl Bus {
             total_catch_ups: AtomicU64::new(0),
             events_by_type: Mutex::new(BTreeMap::new()),
             error_counts: Mutex::new(BTreeMap::new()),
-            latency: Mutex::new(LatencyRing::default()),
+            latency: Latency::new(),
             started_at: Instant::now(),
         });
         let tailer = tokio::spawn(tail(Arc::clone(&inner), start_seq + 1));
@@ -669,6 +806,7 @@ impl Bus {
             rx,
             next_seq,
             catching_up: next_seq <= durable,
+            closed: false,
             pending: VecDeque::new(),
             page_end_seq: None,
             filter,
@@ -733,32 +871,7 @@ impl Bus {
                 });
             }
         }
-        let latency = {
-            let ring = lock(&inner.latency);
-            let mut samples = ring.samples_ms.clone();
-            drop(ring);
-            samples.sort_unstable();
-            let n = samples.len();
-            let sum_ms: u64 = samples.iter().sum();
-            let quantile = |q: f64| -> u64 {
-                if n == 0 {
-                    return 0;
-                }
-                let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
-                samples[rank - 1]
-            };
-            LatencySummary {
-                avg_ms: if n == 0 {
-                    0.0
-                } else {
-                    sum_ms as f64 / n as f64
-                },
-                p50_ms: quantile(0.5),
-                p99_ms: quantile(0.99),
-                samples: n,
-                sum_ms,
-            }
-        };
+        let latency = inner.latency.summary(now_ms());
         BusStats {
             total_published: inner.total_published.load(Ordering::Relaxed),
             total_delivered: inner.total_delivered.load(Ordering::Relaxed),
@@ -875,6 +988,8 @@ pub struct Subscription {
     /// The next seq this subscriber has not yet passed.
     next_seq: Seq,
     catching_up: bool,
+    /// The live tail has closed (the bus stopped).
+    closed: bool,
     /// At most one catch-up page (or one live frame).
     pending: VecDeque<Arc<EventFrame>>,
     page_end_seq: Option<Seq>,
@@ -891,23 +1006,8 @@ impl Subscription {
     /// event is returned or filtered out).
     pub async fn next(&mut self) -> Result<Option<Arc<EventFrame>>, BusError> {
         loop {
-            if let Some(frame) = self.pending.pop_front() {
-                if frame.seq < self.next_seq {
-                    continue;
-                }
-                self.next_seq = frame.seq + 1;
-                self.guard.slot.position.store(frame.seq, Ordering::Relaxed);
-                if self.filter.matches_frame(&frame) {
-                    return Ok(Some(frame));
-                }
-                continue;
-            }
-            if let Some(end_seq) = self.page_end_seq.take() {
-                // Records of the page that did not decode are passed too.
-                if end_seq >= self.next_seq {
-                    self.next_seq = end_seq + 1;
-                    self.guard.slot.position.store(end_seq, Ordering::Relaxed);
-                }
+            if let Some(frame) = self.take_pending() {
+                return Ok(Some(frame));
             }
             if self.inner.stopped.load(Ordering::Acquire) {
                 return Ok(None);
@@ -931,18 +1031,76 @@ impl Subscription {
                 }
                 continue;
             }
-            match self.rx.recv().await {
-                Ok(frame) if frame.seq < self.next_seq => {}
-                Ok(frame) if frame.seq == self.next_seq => self.pending.push_back(frame),
-                // A gap: frames were published before this receiver saw them, or a record
-                // did not decode. The log has them (or says why not).
-                Ok(_) => self.catching_up = true,
-                Err(RecvError::Lagged(_)) => {
-                    self.inner.total_catch_ups.fetch_add(1, Ordering::Relaxed);
-                    self.catching_up = true;
-                }
-                Err(RecvError::Closed) => return Ok(None),
+            let received = self.rx.recv().await;
+            self.accept(received.map_err(|e| match e {
+                RecvError::Lagged(n) => TryRecvError::Lagged(n),
+                RecvError::Closed => TryRecvError::Closed,
+            }));
+            if self.closed {
+                return Ok(None);
             }
+        }
+    }
+
+    /// The next matching event if one is at hand without waiting or reading the log (a
+    /// frame already received, or one waiting on the live tail); `None` otherwise. A writer
+    /// uses it to put every event that is ready into one write.
+    pub fn try_next(&mut self) -> Option<Arc<EventFrame>> {
+        loop {
+            if let Some(frame) = self.take_pending() {
+                return Some(frame);
+            }
+            if self.catching_up || self.closed || self.inner.stopped.load(Ordering::Acquire) {
+                return None;
+            }
+            match self.rx.try_recv() {
+                Err(TryRecvError::Empty) => return None,
+                received => self.accept(received),
+            }
+            if self.pending.is_empty() {
+                return None;
+            }
+        }
+    }
+
+    /// Passes pending frames (advancing the position over filtered ones) and returns the
+    /// first that matches; also passes the end of a page whose last records did not decode.
+    fn take_pending(&mut self) -> Option<Arc<EventFrame>> {
+        while let Some(frame) = self.pending.pop_front() {
+            if frame.seq < self.next_seq {
+                continue;
+            }
+            self.next_seq = frame.seq + 1;
+            self.guard.slot.position.store(frame.seq, Ordering::Relaxed);
+            if self.filter.matches_frame(&frame) {
+                return Some(frame);
+            }
+        }
+        if let Some(end_seq) = self.page_end_seq.take() {
+            // Records of the page that did not decode are passed too.
+            if end_seq >= self.next_seq {
+                self.next_seq = end_seq + 1;
+                self.guard.slot.position.store(end_seq, Ordering::Relaxed);
+            }
+        }
+        None
+    }
+
+    /// Takes one result of the live tail: the next frame is queued, a gap or a lag switches
+    /// to reading the log, a closed tail ends the subscription.
+    fn accept(&mut self, received: Result<Arc<EventFrame>, TryRecvError>) {
+        match received {
+            Ok(frame) if frame.seq < self.next_seq => {}
+            Ok(frame) if frame.seq == self.next_seq => self.pending.push_back(frame),
+            // A gap: frames were published before this receiver saw them, or a record
+            // did not decode. The log has them (or says why not).
+            Ok(_) => self.catching_up = true,
+            Err(TryRecvError::Lagged(_)) => {
+                self.inner.total_catch_ups.fetch_add(1, Ordering::Relaxed);
+                self.catching_up = true;
+            }
+            Err(TryRecvError::Closed) => self.closed = true,
+            Err(TryRecvError::Empty) => {}
         }
     }
 
@@ -965,6 +1123,38 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_quantiles_over_two_windows() {
+        let l = Latency::new();
+        let t0 = 10 * LATENCY_WINDOW_MS;
+        for ms in 1..=100 {
+            l.record(t0, ms);
+        }
+        let s = l.summary(t0);
+        assert_eq!((s.samples, s.p50_ms, s.p99_ms), (100, 50, 99));
+        assert_eq!(s.sum_ms, 5050);
+        // The next window adds to the previous one; the one after that forgets the first.
+        l.record(t0 + LATENCY_WINDOW_MS, 5000);
+        let s = l.summary(t0 + LATENCY_WINDOW_MS);
+        assert_eq!(s.samples, 101);
+        assert_eq!(latency_bucket_floor_ms(latency_bucket(5000)), 4096);
+        let s = l.summary(t0 + 2 * LATENCY_WINDOW_MS);
+        assert_eq!((s.samples, s.p50_ms), (1, 4096));
+        l.record(t0 + 2 * LATENCY_WINDOW_MS, 7);
+        let s = l.summary(t0 + 2 * LATENCY_WINDOW_MS);
+        assert_eq!((s.samples, s.p50_ms, s.p99_ms), (2, 7, 4096));
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+        assert_eq!(latency_bucket_floor_ms(LATENCY_BUCKETS - 1), 1 << 63);
+    }
+
+    #[test]
+    fn sse_frames_are_one_data_line_per_json_line() {
+        let f = sse_frame_bytes(7, "app.x", r#"{"a":1}"#);
+        assert_eq!(&f[..], b"id: 7\nevent: app.x\ndata: {\"a\":1}\n\n");
+        let f = sse_frame_bytes(8, "a\nb", "x\ny");
+        assert_eq!(&f[..], b"id: 8\nevent: ab\ndata: x\ndata: y\n\n");
+    }
 
     #[test]
     fn globs() {

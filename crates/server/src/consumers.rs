@@ -187,6 +187,9 @@ pub struct NearInput {
     #[serde(default)]
     query: Option<String>,
     max_distance: Option<f32>,
+    /// A metadata filter (the search filter language) a matching chunk must also pass.
+    #[serde(default)]
+    filter: Option<Value>,
 }
 
 /// Builds a [`NearSpec`] for a library: exactly one of a vector (`embedding`, or base64 of
@@ -247,12 +250,9 @@ pub fn near_spec(
     };
     let embedding = quiver_model::validate::vector(vector, library.dimension, library.metric)
         .map_err(invalid)?;
-    Ok(NearSpec {
-        embedding,
-        max_distance,
-        metric: library.metric,
-        query,
-    })
+    NearSpec::new(embedding, max_distance, library.metric, query)
+        .with_filter(input.filter)
+        .map_err(invalid)
 }
 
 /// Embeds `text` with the engine's embedder for `library` (its model, query purpose): with no
@@ -294,6 +294,7 @@ pub fn parse_near_embedding(text: &str) -> ApiResult<NearInput> {
             embedding_b64: None,
             query: None,
             max_distance: None,
+            filter: None,
         })
     } else {
         Ok(NearInput {
@@ -301,6 +302,7 @@ pub fn parse_near_embedding(text: &str) -> ApiResult<NearInput> {
             embedding_b64: Some(text.to_string()),
             query: None,
             max_distance: None,
+            filter: None,
         })
     }
 }
@@ -312,14 +314,15 @@ pub fn stream_near(
     near_embedding: Option<&str>,
     near_query: Option<String>,
     max_distance: Option<f32>,
+    near_filter: Option<&str>,
 ) -> ApiResult<Option<Arc<NearSpec>>> {
     let near_query = near_query.filter(|q| !q.is_empty());
     let near_embedding = near_embedding.filter(|e| !e.trim().is_empty());
     if near_embedding.is_none() && near_query.is_none() {
-        if max_distance.is_some() {
+        if max_distance.is_some() || near_filter.is_some_and(|f| !f.trim().is_empty()) {
             return Err(ApiError::bad_request(
                 "invalid_near",
-                "max_distance needs near_embedding or near_query",
+                "max_distance and near_filter need near_embedding or near_query",
             ));
         }
         return Ok(None);
@@ -331,10 +334,17 @@ pub fn stream_near(
             embedding_b64: None,
             query: None,
             max_distance: None,
+            filter: None,
         },
     };
     input.query = near_query;
     input.max_distance = max_distance;
+    input.filter = match near_filter.filter(|f| !f.trim().is_empty()) {
+        None => None,
+        Some(text) => Some(serde_json::from_str::<Value>(text).map_err(|e| {
+            ApiError::bad_request("invalid_filter", format!("near_filter is not JSON: {e}"))
+        })?),
+    };
     near_spec(engine, library_id, input).map(|n| Some(Arc::new(n)))
 }
 

@@ -12,15 +12,17 @@ use crate::bus::{
 };
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, Ctx};
+use crate::slots::Slots;
 use crate::AppState;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{self, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use futures::Stream;
+use quiver_engine::WriteCtx;
 use quiver_engine::{EngineError, Seq};
 use quiver_model::time::parse_rfc3339_ms;
 use serde::Deserialize;
@@ -34,6 +36,8 @@ use std::time::Duration;
 pub const SSE_RETRY_MS: u64 = 2000;
 /// Interval of the SSE comment heartbeat.
 pub const SSE_HEARTBEAT_INTERVAL_MS: u64 = 15_000;
+/// Most bytes of ready events joined into one write to an SSE client.
+pub const SSE_WRITE_BYTES_LIMIT: usize = 64 * 1024;
 /// Largest `limit` of one pull.
 pub const PULL_EVENTS_LIMIT: usize = 1000;
 pub const PULL_EVENTS_DEFAULT: usize = 100;
@@ -139,6 +143,8 @@ pub struct StreamQuery {
     near_embedding: Option<String>,
     near_query: Option<String>,
     max_distance: Option<f32>,
+    /// A metadata filter (JSON, the search filter language) for a semantic subscription.
+    near_filter: Option<String>,
 }
 
 pub async fn stream(
@@ -185,6 +191,7 @@ async fn open_stream(
         q.near_embedding.as_deref(),
         q.near_query,
         q.max_distance,
+        q.near_filter.as_deref(),
     )?;
     let last_event_id = match headers.get("last-event-id") {
         None => None,
@@ -210,17 +217,19 @@ async fn open_stream(
     };
     let subscription = s.bus.subscribe(SubscriberKind::Sse, from_seq, filter)?;
     let near = near.map(|n| (n, Arc::clone(s.bus.log())));
-    let body = Sse::new(sse_events(subscription, format, near)).keep_alive(
-        KeepAlive::new()
-            .interval(Duration::from_millis(SSE_HEARTBEAT_INTERVAL_MS))
-            .text("heartbeat"),
+    let mut response = Response::new(Body::from_stream(sse_events(subscription, format, near)));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
     );
-    let mut response = body.into_response();
-    response
-        .headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
 }
+
+/// The comment line sent when a stream has been quiet for [`SSE_HEARTBEAT_INTERVAL_MS`].
+const SSE_HEARTBEAT: &[u8] = b": heartbeat\n\n";
 
 enum SseState {
     Start(Subscription),
@@ -228,72 +237,120 @@ enum SseState {
     Done,
 }
 
-/// The SSE body: a `retry` hint, then one frame per matching event, produced only when hyper
-/// polls for more (so a slow reader holds at most one frame here, plus the socket buffers).
+/// The bytes of one write to an SSE client: one shared frame (no copy) or several joined.
+#[derive(Default)]
+struct SseChunk {
+    first: Option<Bytes>,
+    joined: Vec<u8>,
+}
+
+impl SseChunk {
+    fn push(&mut self, frame: Bytes) {
+        match self.first.take() {
+            None if self.joined.is_empty() => self.first = Some(frame),
+            first => {
+                if let Some(first) = first {
+                    self.joined.extend_from_slice(&first);
+                }
+                self.joined.extend_from_slice(&frame);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(self.joined.len(), Bytes::len)
+    }
+
+    fn into_bytes(self) -> Option<Bytes> {
+        match self.first {
+            Some(b) => Some(b),
+            None if self.joined.is_empty() => None,
+            None => Some(Bytes::from(self.joined)),
+        }
+    }
+}
+
+type Near = Option<(Arc<quiver_consumers::NearSpec>, Arc<quiver_log::FileLog>)>;
+
+/// The SSE body: a `retry` hint, then the matching events, produced only when hyper polls
+/// for more — so a slow reader holds at most one write's worth here, plus the socket
+/// buffers, and falls behind the bus's live tail (to catch up from the log) instead of
+/// growing a queue. Each event's frame is rendered once for all subscribers
+/// ([`EventFrame::sse`]); every event that is ready when the client can take more goes into
+/// one write (up to [`SSE_WRITE_BYTES_LIMIT`]), so a thousand subscribers cost a thousand
+/// writes per burst of events, not per event.
 fn sse_events(
     subscription: Subscription,
     format: Format,
-    near: Option<(Arc<quiver_consumers::NearSpec>, Arc<quiver_log::FileLog>)>,
-) -> impl Stream<Item = Result<sse::Event, Infallible>> {
+    near: Near,
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    let heartbeat = Duration::from_millis(SSE_HEARTBEAT_INTERVAL_MS);
     futures::stream::unfold(SseState::Start(subscription), move |state| {
         let near = near.clone();
         async move {
-            match state {
-                SseState::Done => None,
+            let mut sub = match state {
+                SseState::Done => return None,
                 SseState::Start(sub) => {
-                    let hint = sse::Event::default().retry(Duration::from_millis(SSE_RETRY_MS));
-                    Some((Ok(hint), SseState::Live(sub)))
+                    let hint = Bytes::from(format!("retry: {SSE_RETRY_MS}\n\n"));
+                    return Some((Ok(hint), SseState::Live(sub)));
                 }
-                SseState::Live(mut sub) => loop {
-                    break match sub.next().await {
-                        Ok(Some(frame)) => {
-                            let event = match &near {
-                                None => sse_frame(&frame, format),
-                                // A semantic subscription: only events with a chunk within distance.
-                                Some((spec, log)) => {
-                                    match crate::consumers::near_check_frame(log, spec, &frame)
-                                        .await
-                                    {
-                                        None => continue,
-                                        Some(m) if format == Format::Envelope => {
-                                            sse::Event::default()
-                                                .id(frame.seq.to_string())
-                                                .event(frame.event_type())
-                                                .data(crate::consumers::with_members(
-                                                    &frame.json,
-                                                    &[("near", m.json())],
-                                                ))
-                                        }
-                                        Some(_) => sse_frame(&frame, format),
-                                    }
-                                }
-                            };
-                            sub.delivered(&frame);
-                            Some((Ok(event), SseState::Live(sub)))
+                SseState::Live(sub) => sub,
+            };
+            let quiet_until = tokio::time::Instant::now() + heartbeat;
+            loop {
+                let first = match tokio::time::timeout_at(quiet_until, sub.next()).await {
+                    Err(_) => {
+                        let beat = Bytes::from_static(SSE_HEARTBEAT);
+                        return Some((Ok(beat), SseState::Live(sub)));
+                    }
+                    Ok(Ok(Some(frame))) => frame,
+                    Ok(Ok(None)) => return None,
+                    Ok(Err(e)) => {
+                        // Headers are gone: say why in-band, then end the stream.
+                        let mut body = json!({"error": "stream_failed", "detail": e.to_string(), "position": sub.position()});
+                        if let BusError::Expired { first_seq, .. } = e {
+                            body["error"] = json!("events_expired");
+                            body["first_seq"] = json!(first_seq);
                         }
-                        Ok(None) => None,
-                        Err(e) => {
-                            // Headers are gone: say why in-band, then end the stream.
-                            let mut body = json!({"error": "stream_failed", "detail": e.to_string(), "position": sub.position()});
-                            if let BusError::Expired { first_seq, .. } = e {
-                                body["error"] = json!("events_expired");
-                                body["first_seq"] = json!(first_seq);
-                            }
-                            let event = sse::Event::default().event("error").data(body.to_string());
-                            Some((Ok(event), SseState::Done))
-                        }
-                    };
-                },
+                        let frame = format!("event: error\ndata: {body}\n\n");
+                        return Some((Ok(Bytes::from(frame)), SseState::Done));
+                    }
+                };
+                let mut chunk = SseChunk::default();
+                let mut next = Some(first);
+                while let Some(frame) = next.take() {
+                    if let Some(bytes) = sse_frame(&frame, format, &near).await {
+                        sub.delivered(&frame);
+                        chunk.push(bytes);
+                    }
+                    if chunk.len() < SSE_WRITE_BYTES_LIMIT {
+                        next = sub.try_next();
+                    }
+                }
+                if let Some(bytes) = chunk.into_bytes() {
+                    return Some((Ok(bytes), SseState::Live(sub)));
+                }
+                // A semantic subscription passed over everything that was ready: wait on.
             }
         }
     })
 }
 
-fn sse_frame(frame: &EventFrame, format: Format) -> sse::Event {
-    sse::Event::default()
-        .id(frame.seq.to_string())
-        .event(frame.event_type())
-        .data(&**frame.rendered(format))
+/// The frame to send for `frame`, or `None` when a semantic subscription passes it over.
+async fn sse_frame(frame: &EventFrame, format: Format, near: &Near) -> Option<Bytes> {
+    let Some((spec, log)) = near else {
+        return Some(frame.sse(format).clone());
+    };
+    // A semantic subscription: only events with a chunk within distance.
+    let m = crate::consumers::near_check_frame(log, spec, frame).await?;
+    Some(match format {
+        Format::Envelope => crate::bus::sse_frame_bytes(
+            frame.seq,
+            frame.event_type(),
+            &crate::consumers::with_members(&frame.json, &[("near", m.json())]),
+        ),
+        Format::CloudEvents => frame.sse(format).clone(),
+    })
 }
 
 // ------------------------------------------------------------------ pull
@@ -444,12 +501,28 @@ pub struct PublishEvent {
     source: Option<String>,
 }
 
-/// `POST /v1/events`: appends an application event; answers 201 once it is durable.
-pub async fn publish(
-    State(s): State<AppState>,
-    Ctx(mut ctx): Ctx,
-    ApiJson(req): ApiJson<PublishEvent>,
-) -> ApiResult<Response> {
+/// `POST /v1/events`: appends an application event; answers 201 once it is durable. With
+/// `Content-Type: application/x-ndjson` the body is a stream of such events, one per line,
+/// answered line by line (see [`publish_stream`]).
+pub async fn publish(State(s): State<AppState>, Ctx(ctx): Ctx, req: Request) -> Response {
+    let ndjson = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with(NDJSON));
+    let result = if ndjson {
+        publish_stream(s, ctx, req.into_body())
+    } else {
+        match ApiJson::<PublishEvent>::from_request(req, &s).await {
+            Ok(ApiJson(event)) => publish_one(&s, ctx, event).await,
+            Err(rejection) => return rejection.into_response(),
+        }
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Appends one event (not yet durable): its seq, or why it was refused.
+fn append_one(s: &AppState, mut ctx: WriteCtx, req: PublishEvent) -> ApiResult<Seq> {
     if let Some(source) = req.source.filter(|x| !x.is_empty()) {
         if source.len() > SOURCE_BYTES_LIMIT {
             return Err(ApiError::unprocessable(
@@ -466,13 +539,195 @@ pub async fn publish(
     let c = s
         .engine
         .append_event(&ctx, &req.event_type, req.library_id.as_deref(), data)?;
-    s.engine.wait_durable(c.seq).await?;
+    Ok(c.seq)
+}
+
+async fn publish_one(s: &AppState, ctx: WriteCtx, req: PublishEvent) -> ApiResult<Response> {
+    let event_type = req.event_type.clone();
+    let seq = append_one(s, ctx, req)?;
+    s.engine.wait_durable(seq).await?;
     Ok((
         StatusCode::CREATED,
-        [(crate::routes::SEQ_HEADER, HeaderValue::from(c.seq))],
-        Json(json!({"seq": c.seq, "type": req.event_type})),
+        [(crate::routes::SEQ_HEADER, HeaderValue::from(seq))],
+        Json(json!({"seq": seq, "type": event_type})),
     )
         .into_response())
+}
+
+/// Most NDJSON event uploads in progress at once.
+pub const EVENT_STREAMS_LIMIT: usize = 64;
+static EVENT_STREAMS: Slots = Slots::new(EVENT_STREAMS_LIMIT);
+/// Groups appended but not yet answered, per upload (the pipeline between appending a group
+/// and replying once it is durable).
+const EVENT_GROUPS_IN_FLIGHT_LIMIT: usize = 8;
+const NDJSON: &str = "application/x-ndjson";
+
+/// One line's outcome: its number and its seq or its error (status, code, detail).
+type LineOutcome = (u64, Result<Seq, (u16, String, String)>);
+
+/// NDJSON publish: the pipelined publisher a broker client gives (many events in flight on
+/// one connection, each acknowledged). Lines are read in groups (the ingest route's reader,
+/// so the same line and group limits), each group appended while the previous one is being
+/// made durable, and each line answered `{"line", "ok": true, "seq"}` once its record is
+/// durable — never before — or `{"line", "ok": false, "error", "detail"}`; a bad line costs
+/// only itself. A summary line ends the reply. Replies go through a bounded channel, so a
+/// client that stops reading stops the server reading its body.
+fn publish_stream(s: AppState, ctx: WriteCtx, body: Body) -> ApiResult<Response> {
+    let slot = EVENT_STREAMS.try_acquire().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_uploads",
+            format!(
+                "{EVENT_STREAMS_LIMIT} NDJSON event uploads are already in progress; retry shortly"
+            ),
+        )
+    })?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(crate::stream::REPLY_CHUNKS_LIMIT);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let started = std::time::Instant::now();
+        let (raw_tx, mut raw_rx) = tokio::sync::mpsc::channel(2);
+        let (appended_tx, mut appended_rx) =
+            tokio::sync::mpsc::channel::<Vec<LineOutcome>>(EVENT_GROUPS_IN_FLIGHT_LIMIT);
+        let appender = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                while let Some(group) = raw_rx.recv().await {
+                    let (s, ctx) = (s.clone(), ctx.clone());
+                    // Appending may wait for room in the log's queue: off the async threads.
+                    let Ok(outcomes) =
+                        tokio::task::spawn_blocking(move || append_group(&s, &ctx, group)).await
+                    else {
+                        return;
+                    };
+                    if appended_tx.send(outcomes).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let replier = {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut totals = PublishTotals::default();
+                while let Some(outcomes) = appended_rx.recv().await {
+                    let last = outcomes.iter().filter_map(|(_, r)| r.as_ref().ok()).max();
+                    if let Some(&seq) = last {
+                        if s.engine.wait_durable(seq).await.is_err() {
+                            return (Err("the log failed".to_string()), totals);
+                        }
+                    }
+                    if tx
+                        .send(publish_lines(&outcomes, &mut totals))
+                        .await
+                        .is_err()
+                    {
+                        return (
+                            Err("the client stopped reading replies".to_string()),
+                            totals,
+                        );
+                    }
+                }
+                (Ok(()), totals)
+            })
+        };
+        let read = crate::stream::read_lines(body, &raw_tx).await;
+        drop(raw_tx);
+        let _ = appender.await;
+        let (replied, totals) = replier.await.unwrap_or_else(|e| {
+            (
+                Err(format!("reply task failed: {e}")),
+                PublishTotals::default(),
+            )
+        });
+        let mut summary = json!({"summary": {
+            "lines": totals.lines, "published": totals.published, "failed": totals.failed,
+            "first_seq": totals.first_seq, "last_seq": totals.last_seq,
+            "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+        }});
+        if let Err(e) = read.and(replied) {
+            summary["summary"]["error"] = json!(e);
+        }
+        let mut line = summary.to_string().into_bytes();
+        line.push(b'\n');
+        let _ = tx.send(Bytes::from(line)).await;
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
+    Ok(response)
+}
+
+fn append_group(
+    s: &AppState,
+    ctx: &WriteCtx,
+    group: Vec<(u64, crate::stream::RawLine)>,
+) -> Vec<LineOutcome> {
+    group
+        .into_iter()
+        .map(|(n, raw)| {
+            let parsed = match raw {
+                crate::stream::RawLine::TooLong => Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "line_too_long",
+                    format!(
+                        "line is longer than {} bytes",
+                        crate::stream::LINE_BYTES_LIMIT
+                    ),
+                )),
+                crate::stream::RawLine::Text(text) => {
+                    serde_json::from_slice::<PublishEvent>(text.trim_ascii()).map_err(|e| {
+                        if e.classify() == serde_json::error::Category::Data {
+                            ApiError::unprocessable("invalid_event", e.to_string())
+                        } else {
+                            ApiError::bad_request("malformed_json", e.to_string())
+                        }
+                    })
+                }
+            };
+            let outcome = parsed
+                .and_then(|event| append_one(s, ctx.clone(), event))
+                .map_err(|e| (e.status.as_u16(), e.code, e.detail));
+            (n, outcome)
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct PublishTotals {
+    lines: u64,
+    published: u64,
+    failed: u64,
+    first_seq: Option<Seq>,
+    last_seq: Option<Seq>,
+}
+
+/// The status lines of one durable group.
+fn publish_lines(outcomes: &[LineOutcome], totals: &mut PublishTotals) -> Bytes {
+    let mut out = Vec::with_capacity(outcomes.len() * 40);
+    for (n, outcome) in outcomes {
+        totals.lines += 1;
+        let line = match outcome {
+            Ok(seq) => {
+                totals.published += 1;
+                totals.first_seq.get_or_insert(*seq);
+                totals.last_seq = Some(*seq);
+                json!({"line": n, "ok": true, "seq": seq})
+            }
+            Err((status, code, detail)) => {
+                totals.failed += 1;
+                json!({"line": n, "ok": false, "status": status, "error": code, "detail": detail})
+            }
+        };
+        // Serialising a Value into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, &line);
+        out.push(b'\n');
+    }
+    Bytes::from(out)
 }
 
 // ------------------------------------------------------------------ statistics
@@ -616,8 +871,9 @@ pub async fn metrics(
     }
     let _ = writeln!(
         out,
-        "# HELP quiver_event_delivery_latency_ms Commit to delivery, over the last {} deliveries.\n# TYPE quiver_event_delivery_latency_ms summary",
-        crate::bus::LATENCY_SAMPLES_LIMIT
+        "# HELP quiver_event_delivery_latency_ms Commit to delivery over the last {}-{} s.\n# TYPE quiver_event_delivery_latency_ms summary",
+        crate::bus::LATENCY_WINDOW_MS / 1000,
+        2 * crate::bus::LATENCY_WINDOW_MS / 1000
     );
     let _ = writeln!(
         out,

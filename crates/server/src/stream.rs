@@ -72,7 +72,7 @@ struct Totals {
 type Pending = (u64, Result<DocumentInput, EngineError>);
 
 /// A raw line as read from the body: its bytes, or the fact that it was too long to keep.
-enum RawLine {
+pub(crate) enum RawLine {
     Text(Bytes),
     TooLong,
 }
@@ -241,7 +241,7 @@ async fn pipeline(
 
 /// Splits the body into lines and sends them on in groups (at most [`BATCH_LINES_LIMIT`]
 /// lines or [`BATCH_BYTES_LIMIT`] bytes; a group also goes when the body pauses).
-async fn read_lines(
+pub(crate) async fn read_lines(
     body: Body,
     raw_tx: &tokio::sync::mpsc::Sender<Vec<(u64, RawLine)>>,
 ) -> Result<(), String> {

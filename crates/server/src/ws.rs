@@ -2,7 +2,8 @@
 //! get documents, and to receive the library's change events live.
 //!
 //! Protocol: requests `{action, request_id, data}` with actions `search`, `add`, `delete`,
-//! `get`, `subscribe {types?, from_seq?}`, `unsubscribe`, `ping`; replies
+//! `get`, `subscribe {types?, from_seq?, near?: {embedding | embedding_b64 | query,
+//! max_distance, filter?}}`, `unsubscribe`, `ping`; replies
 //! `{type:"response", request_id, success, data | error:{code, detail}}`; pushed events
 //! `{type:"event", event_type, seq, library_id, timestamp, data, source, trace_id}` — resume
 //! after a reconnect with `subscribe {from_seq: last seq + 1}`.
@@ -288,12 +289,23 @@ async fn run(
         }
         "subscribe" => {
             let d: SubscribeData = if req.data.is_null() { SubscribeData::default() } else { data_of(req.data)? };
-            if d.near.is_some() {
-                return Err(ApiError::unprocessable(
-                    "unsupported",
-                    "semantic subscriptions (`near`) are not available yet; subscribe by type and filter client-side",
-                ));
-            }
+            // A semantic subscription: only chunk/document events with a chunk within
+            // `max_distance` of the vector (or of the embedded `query`), passing `filter`.
+            let near = match d.near {
+                None | Some(Value::Null) => None,
+                Some(v) => {
+                    let input: crate::consumers::NearInput = serde_json::from_value(v)
+                        .map_err(|e| ApiError::unprocessable("invalid_near", e.to_string()))?;
+                    let engine = s.engine.clone();
+                    let lib = library_id.to_string();
+                    let spec = tokio::task::spawn_blocking(move || {
+                        crate::consumers::near_spec(&engine, Some(&lib), input)
+                    })
+                    .await
+                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+                    Some((std::sync::Arc::new(spec), std::sync::Arc::clone(s.bus.log())))
+                }
+            };
             let filter = EventFilter::parse(d.types.as_deref(), Some(library_id.to_string()))
                 .map_err(|e| ApiError::unprocessable("invalid_types", e))?;
             let mut sub = match s.bus.subscribe(SubscriberKind::WebSocket, d.from_seq, filter) {
@@ -324,7 +336,19 @@ async fn run(
                             return;
                         }
                     };
-                    let msg = Message::Text(frame.websocket().to_string().into());
+                    let text = match &near {
+                        None => frame.websocket().to_string(),
+                        Some((spec, log)) => {
+                            match crate::consumers::near_check_frame(log, spec, &frame).await {
+                                None => continue,
+                                Some(m) => crate::consumers::with_members(
+                                    frame.websocket(),
+                                    &[("near", m.json())],
+                                ),
+                            }
+                        }
+                    };
+                    let msg = Message::Text(text.into());
                     match tokio::time::timeout(WS_SLOW_CLIENT_TIMEOUT, out.send(msg)).await {
                         Ok(Ok(())) => sub.delivered(&frame),
                         Ok(Err(_)) => return,

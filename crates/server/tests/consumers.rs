@@ -616,6 +616,117 @@ async fn near_delivers_only_events_within_distance() {
     );
 }
 
+/// `near` plus a metadata filter: only chunks within distance *and* passing the filter
+/// count, on the SSE stream (`near_filter=`) and on a consumer (`near.filter`); a bad filter
+/// is refused with `invalid_filter` and creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_with_a_metadata_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path()).await;
+    let lib = s.library("semf").await;
+    let filter = json!({"lang": "fr"});
+    let near = json!({"embedding": [1.0, 0.0], "max_distance": 0.5, "filter": filter});
+    s.consumer(json!({"name": "fr", "library_id": lib, "start": "now", "near": near}))
+        .await;
+    let filter_q: String = url_encode(&filter.to_string());
+    let resp = s
+        .http
+        .get(format!(
+            "{}/v1/events/stream?library_id={lib}&near_embedding=1,0&max_distance=0.5&near_filter={filter_q}",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream: ByteStream = Box::pin(resp.bytes_stream());
+    let mut buf = Vec::new();
+
+    let docs = format!("/v1/libraries/{lib}/documents");
+    // Near but English: passed over. Near and French (chunk metadata): delivered, and the
+    // match names the French chunk even though the English one is closer.
+    s.post(
+        &docs,
+        json!({"id": "en", "title": "e", "chunks": [
+        {"id": "e1", "text": "x", "embedding": [1.0, 0.0], "metadata": {"lang": "en"}}]}),
+    )
+    .await;
+    let (_, mixed) = s
+        .post(
+            &docs,
+            json!({"id": "mix", "title": "m", "chunks": [
+            {"id": "m-en", "text": "x", "embedding": [1.0, 0.0], "metadata": {"lang": "en"}},
+            {"id": "m-fr", "text": "y", "embedding": [1.0, 0.2], "metadata": {"lang": "fr"}}]}),
+        )
+        .await;
+    // French but far: passed over. Document-level metadata counts for a document event.
+    s.post(
+        &docs,
+        json!({"id": "far", "title": "f", "chunks": [
+        {"id": "f1", "text": "x", "embedding": [-1.0, 0.0], "metadata": {"lang": "fr"}}]}),
+    )
+    .await;
+    let (_, docfr) = s
+        .post(
+            &docs,
+            json!({"id": "dfr", "title": "d", "metadata": {"lang": "fr"}, "chunks": [
+            {"id": "d1", "text": "x", "embedding": [0.9, 0.0]}]}),
+        )
+        .await;
+    let want = vec![
+        mixed["seq"].as_u64().unwrap(),
+        docfr["seq"].as_u64().unwrap(),
+    ];
+
+    let got = vec![
+        sse_next(&mut stream, &mut buf).await,
+        sse_next(&mut stream, &mut buf).await,
+    ];
+    assert_eq!(seqs(&got), want);
+    assert_eq!(got[0]["near"]["chunk_id"], "m-fr");
+    assert_eq!(got[1]["near"]["chunk_id"], "d1");
+    let events = s.next("fr", 100, 2000).await;
+    assert_eq!(seqs(&events), want);
+    let info = s.inspect("fr").await;
+    assert_eq!(info["filter"]["near"]["filter"], filter);
+
+    let bad = json!({"embedding": [1.0, 0.0], "max_distance": 0.5, "filter": {"field": "lang", "operator": "nope", "value": 1}});
+    let (st, err) = s
+        .post(
+            "/v1/consumers",
+            json!({"name": "bad", "library_id": lib, "near": bad}),
+        )
+        .await;
+    assert_eq!(
+        (st, err["error"].as_str()),
+        (422, Some("invalid_filter")),
+        "{err}"
+    );
+    let (st, _) = s.get("/v1/consumers/bad").await;
+    assert_eq!(st, 404, "a refused consumer is not created");
+    let (st, err) = s
+        .get(&format!(
+            "/v1/events/stream?library_id={lib}&near_embedding=1,0&max_distance=1&near_filter=%7Bnot"
+        ))
+        .await;
+    assert_eq!((st, err["error"].as_str()), (400, Some("invalid_filter")));
+    let (st, err) = s
+        .get(&format!(
+            "/v1/events/stream?library_id={lib}&near_filter={filter_q}"
+        ))
+        .await;
+    assert_eq!((st, err["error"].as_str()), (400, Some("invalid_near")));
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_json_errors() {
     let dir = tempfile::tempdir().unwrap();

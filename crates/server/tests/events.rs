@@ -616,6 +616,77 @@ async fn publish_round_trip_and_reserved_types() {
     );
 }
 
+/// NDJSON publish: one event per line on one request, each line answered with its seq once
+/// durable (or its own error), a summary at the end; bad lines commit nothing and cost only
+/// themselves; the stream sees exactly the good ones, in line order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ndjson_publish_answers_every_line() {
+    let s = start().await;
+    let mut sse = s.sse("?types=app.*", None).await;
+    let before = s.engine.log().durable_seq();
+    let mut body = String::new();
+    for i in 0..300 {
+        body.push_str(&format!(
+            "{{\"type\":\"app.tick\",\"data\":{{\"i\":{i}}}}}\n"
+        ));
+        match i {
+            10 => body.push_str("{not json\n"),
+            20 => body.push_str("{\"type\":\"document.added\",\"data\":{}}\n"),
+            30 => body.push_str("\n{\"data\":{}}\n"),
+            _ => {}
+        }
+    }
+    let r = s
+        .http
+        .post(format!("{}/v1/events", s.base))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (summary, statuses) = lines.split_last().unwrap();
+    assert_eq!(statuses.len(), 303, "one status per non-blank line");
+    let errors: Vec<(u64, &str)> = statuses
+        .iter()
+        .filter(|l| l["ok"] == false)
+        .map(|l| (l["line"].as_u64().unwrap(), l["error"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            (12, "malformed_json"),
+            (23, "reserved_event_type"),
+            (35, "invalid_event")
+        ]
+    );
+    let seqs: Vec<u64> = statuses.iter().filter_map(|l| l["seq"].as_u64()).collect();
+    assert_eq!(seqs, ((before + 1)..=(before + 300)).collect::<Vec<_>>());
+    assert_eq!(summary["summary"]["published"], 300);
+    assert_eq!(summary["summary"]["failed"], 3);
+    assert_eq!(summary["summary"]["last_seq"], before + 300);
+    assert_eq!(
+        s.engine.log().durable_seq(),
+        before + 300,
+        "bad lines committed nothing"
+    );
+    let events = sse.events(300).await;
+    let is: Vec<u64> = events
+        .iter()
+        .map(|e| e["data"]["i"].as_u64().unwrap())
+        .collect();
+    assert_eq!(is, (0..300).collect::<Vec<_>>());
+
+    // A plain JSON body still takes the single-event path.
+    let (st, one) = s.post("/v1/events", json!({"type": "app.one"})).await;
+    assert_eq!((st, one["seq"].as_u64()), (201, Some(before + 301)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_resume_is_410_with_first_seq() {
     let s = start_with(|c| {

@@ -214,14 +214,6 @@ async fn events_with_seq_and_resume() {
     );
     let v = request(&mut ws, "un", "unsubscribe", Value::Null).await;
     assert_eq!(v["data"]["unsubscribed"], true);
-    let v = request(
-        &mut ws,
-        "near",
-        "subscribe",
-        json!({"near": {"embedding": [1, 0], "max_distance": 1}}),
-    )
-    .await;
-    assert_eq!(v["success"], false);
 }
 
 /// A client that subscribes and then never reads must not slow another client down; once it
@@ -277,4 +269,53 @@ async fn a_stalled_client_does_not_slow_another() {
             expect += 1;
         }
     }
+}
+
+/// A semantic subscription over the socket: `subscribe {near: {embedding, max_distance,
+/// filter}}` pushes only the document/chunk events with a chunk within the distance that
+/// passes the filter, each with its `near` match; a bad `near` is an error reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_subscription_pushes_only_close_matching_chunks() {
+    let s = start().await;
+    let mut ws = connect(&s).await;
+    let near = json!({"embedding": [1.0, 0.0], "max_distance": 0.5, "filter": {"lang": "fr"}});
+    let v = request(&mut ws, "sub", "subscribe", json!({"near": near})).await;
+    assert_eq!(v["data"]["subscribed"], true, "{v}");
+    let add = |id: &str, x: f32, lang: &str| json!({"id": id, "title": id, "chunks": [{"id": format!("{id}-1"), "text": "t", "embedding": [x, 0.0], "metadata": {"lang": lang}}]});
+    // Far; near but English; near and French (the one to arrive).
+    for (id, x, lang) in [("far", -1.0, "fr"), ("en", 1.0, "en"), ("fr", 0.9, "fr")] {
+        let r = request(&mut ws, id, "add", add(id, x, lang)).await;
+        assert_eq!(r["success"], true, "{r}");
+    }
+    let event = loop {
+        let v = next_json(&mut ws).await;
+        if v["type"] == "event" {
+            break v;
+        }
+    };
+    assert_eq!(event["event_type"], "document.added");
+    assert_eq!(event["data"]["document_id"], "fr", "{event}");
+    assert_eq!(event["near"]["chunk_id"], "fr-1");
+    assert!((event["near"]["distance"].as_f64().unwrap() - 0.1).abs() < 1e-5);
+
+    let v = request(
+        &mut ws,
+        "bad",
+        "subscribe",
+        json!({"near": {"embedding": [1.0, 0.0, 0.0], "max_distance": 1}}),
+    )
+    .await;
+    assert_eq!(v["success"], false);
+    assert_eq!(v["error"]["code"], "dimension_mismatch", "{v}");
+    let v = request(
+        &mut ws,
+        "bad2",
+        "subscribe",
+        json!({"near": {"max_distance": 1}}),
+    )
+    .await;
+    assert_eq!(v["error"]["code"], "invalid_near", "{v}");
+    // The socket stays usable.
+    let v = request(&mut ws, "p", "ping", Value::Null).await;
+    assert_eq!(v["success"], true);
 }
