@@ -145,6 +145,14 @@ class Quiver:
                    str(args.ef_construction)]
         if int8 is not None:
             command += ["--int8", str(int8)]
+        if args.graph_file:
+            # Written after the build and read back from disk (timed, fully validated); a
+            # stale file would skip the build, so it goes first.
+            path = os.path.join(args.data_dir, args.dataset,
+                                "graph-int8.bin" if int8 is not None else "graph.bin")
+            if os.path.exists(path):
+                os.remove(path)
+            command += ["--graph", path]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, bufsize=1)
         line = self.process.stdout.readline()
@@ -187,6 +195,8 @@ def main():
     parser.add_argument("--ef", default="10,16,24,32,48,64,96,128,192,256,384,512,768")
     parser.add_argument("--engines", default="quiver,hnswlib,faiss,quiver-int8")
     parser.add_argument("--oversampling", type=float, default=3.0)
+    parser.add_argument("--graph-file", action="store_true",
+                        help="quiver: save the graph to a file and time reading it back")
     args = parser.parse_args()
 
     rows, dimension, metric, _ = DATASETS[args.dataset]
@@ -247,7 +257,14 @@ def main():
         for level, point in at_levels(r["sweep"]).items():
             cells.append("not reached" if point is None else f"{point['qps']:.0f} ({point['ef']})")
         memory = f"{r['memory_bytes'] / 1e6:.1f}" if "memory_bytes" in r else ""
-        print(f"| {r['engine']} | {r['build_seconds']:.1f} | " + " | ".join(cells) + f" | {memory} |")
+        build = "—" if r.get("build_seconds") is None else f"{r['build_seconds']:.1f}"
+        print(f"| {r['engine']} | {build} | " + " | ".join(cells) + f" | {memory} |")
+    for r in results:
+        if "load_seconds" in r:
+            where = "its file" if args.graph_file else "memory"
+            print(f"\n{r['engine']}: {r['memory_bytes']} memory bytes, link bits {r.get('link_bits')}; "
+                  f"saved {r['saved_bytes'] / 1e6:.1f} MB in {r['save_seconds']:.2f} s, read back "
+                  f"from {where} with full validation in {r['load_seconds']:.2f} s")
     print("\nsweeps (ef: recall / QPS):")
     for r in results:
         print(f"- {r['engine']}: " + ", ".join(

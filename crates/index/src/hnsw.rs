@@ -10,14 +10,15 @@
 //! closer to the new node than to every neighbour kept so far); levels are drawn as
 //! `⌊−ln(U)/ln(m)⌋`.
 //!
-//! Layout (chosen for the search loop): vectors (or codes) in one contiguous row-major `Vec`;
-//! level-0 neighbour lists in one flat `Vec<u32>` with a fixed stride of `1 + 2m` (a count,
-//! then the rows), so a node's vector and list are each one or two cache lines found by
-//! multiplication; upper levels (≈ 1/m of rows) in a pooled `Vec<u32>` reached by an offset per
+//! Layout (chosen for the search loop, after hnswlib): one [`Arena`] block of words per row
+//! holding its level-0 neighbour count, its level-0 links bit-packed at `⌈log₂ rows⌉` bits
+//! each, and its vector (or codes), so scoring a node brings in the lines that expanding it
+//! later reads, and a list of `2m` links costs `2m · 17` bits at 100k rows instead of
+//! `2m · 32`; upper levels (≈ 1/m of rows) sit in a pooled `Vec<u32>` reached by an offset per
 //! row. The visited set is a per-thread array of generation stamps (no clearing per query),
-//! and a node's unvisited neighbours are all prefetched (first cache line) before any is
-//! scored, the rest of the next one while the current one is; a node's level-0 list is
-//! prefetched when it is queued as a candidate.
+//! and a node's unvisited neighbours are all prefetched (first payload line) before any is
+//! scored, the rest of the next one while the current one is; a candidate's block head
+//! (count and links) is prefetched when it is queued.
 //!
 //! It must never do I/O beyond the caller's `Write`/`Read`, lock, spawn threads or keep state
 //! between searches in `self`: `search(&self)` runs concurrently from many threads, so all
@@ -257,6 +258,35 @@ fn as_bytes(words: &[u32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 4) }
 }
 
+/// Asks Linux to back `words`' allocation with transparent huge pages where it can (the
+/// 2 MB-aligned part of it). The search touches blocks at random across the whole arena, so
+/// with 4 KB pages nearly every block costs a TLB miss and a page walk; with 2 MB pages the
+/// arena of a 100k × 384 index fits in the TLB. Only a hint: failures are ignored, and
+/// nothing changes where THP is off or not Linux. Call it before the pages are first touched.
+fn advise_huge_pages(words: &Vec<u32>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE_PAGE_BYTES: usize = 2 << 20;
+        let start = words.as_ptr() as usize;
+        let end = start + words.capacity() * 4;
+        let aligned_start = start.next_multiple_of(HUGE_PAGE_BYTES);
+        let aligned_end = end / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;
+        if aligned_end > aligned_start {
+            // SAFETY: madvise only changes how the kernel backs this range, which lies inside
+            // the Vec's own allocation; MADV_HUGEPAGE never changes its contents.
+            unsafe {
+                libc::madvise(
+                    aligned_start as *mut libc::c_void,
+                    aligned_end - aligned_start,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = words;
+}
+
 /// Packs bytes into words in memory order (the inverse of [`as_bytes`]), zero-padding the tail.
 fn pack_bytes(bytes: &[u8], words: &mut [u32]) {
     debug_assert!(bytes.len() <= words.len() * 4);
@@ -353,9 +383,25 @@ impl Arena {
         &mut self.words[start..start + self.payload_words]
     }
 
-    /// Appends a zeroed block (no links, zero payload).
+    /// Appends a zeroed block (no links, zero payload), growing like a `Vec` (doubling).
     fn push_row(&mut self) {
-        self.words.resize(self.words.len() + self.block_words, 0);
+        let needed = self.words.len() + self.block_words;
+        if needed > self.words.capacity() {
+            self.reserve_words(needed.max(self.words.capacity() * 2));
+        }
+        self.words.resize(needed, 0);
+    }
+
+    /// Makes the capacity at least `capacity_words` (exactly that when it grows), in a fresh
+    /// allocation advised to use huge pages before its pages are touched.
+    fn reserve_words(&mut self, capacity_words: usize) {
+        if capacity_words <= self.words.capacity() {
+            return;
+        }
+        let mut next = Vec::with_capacity(capacity_words);
+        advise_huge_pages(&next);
+        next.extend_from_slice(&self.words);
+        self.words = next;
     }
 
     /// Address of byte `offset` of `row`'s block, for prefetching only (never dereferenced).
@@ -376,8 +422,7 @@ impl Arena {
     ) -> Arena {
         let rows = self.rows();
         let mut next = Arena::new(link_bits, self.link_capacity, payload_words);
-        next.words
-            .reserve_exact(capacity_rows.max(rows).saturating_mul(next.block_words));
+        next.reserve_words(capacity_rows.max(rows).saturating_mul(next.block_words));
         let mut links = Vec::with_capacity(self.link_capacity);
         for row in 0..rows as u32 {
             next.push_row();
@@ -633,9 +678,9 @@ impl HnswIndex {
                 new.copy_from_slice(old)
             });
         } else if !untrained_int8 {
-            self.arena
-                .words
-                .reserve(additional_rows.saturating_mul(self.arena.block_words));
+            let words = (self.ids.len().saturating_add(additional_rows))
+                .saturating_mul(self.arena.block_words);
+            self.arena.reserve_words(words);
         }
         self.ids.reserve(additional_rows);
         self.live.reserve(additional_rows);
@@ -1694,7 +1739,7 @@ impl HnswIndex {
                     2 * params.m,
                     payload_words_for(dimension, metric, false),
                 );
-                arena.words.reserve_exact(slots * arena.block_words);
+                arena.reserve_words(slots * arena.block_words);
                 for (row, vector) in vectors.chunks_exact(dimension * 4).enumerate() {
                     arena.push_row();
                     for (word, bytes) in arena
@@ -1736,7 +1781,7 @@ impl HnswIndex {
                     2 * params.m,
                     payload_words_for(dimension, metric, true),
                 );
-                arena.words.reserve_exact(slots * arena.block_words);
+                arena.reserve_words(slots * arena.block_words);
                 let code_words = dimension.div_ceil(4);
                 for (row, code) in codes.chunks_exact(dimension).enumerate() {
                     arena.push_row();
