@@ -88,7 +88,8 @@ class Peer:
     """A built peer index; `run(ef)` times one pass over all queries in one call."""
 
     def __init__(self, name, build_seconds, search, queries, truth, k):
-        self.result = {"engine": name, "build_seconds": round(build_seconds, 3)}
+        self.result = {"engine": name,
+                       "build_seconds": None if build_seconds is None else round(build_seconds, 3)}
         self.search, self.queries, self.truth, self.k = search, queries, truth, k
 
     def run(self, ef):
@@ -104,12 +105,20 @@ class Peer:
 def build_hnswlib(base, queries, truth, metric, args):
     import hnswlib
     index = hnswlib.Index(space="cosine" if metric == "cosine" else "l2", dim=base.shape[1])
-    index.init_index(max_elements=len(base), ef_construction=args.ef_construction, M=args.m,
-                     random_seed=100)
+    cache = os.path.join(args.data_dir, args.dataset, "hnswlib.bin")
+    if args.hnswlib_cache and os.path.exists(cache):
+        index.load_index(cache, max_elements=len(base))
+        build = None
+    else:
+        index.init_index(max_elements=len(base), ef_construction=args.ef_construction, M=args.m,
+                         random_seed=100)
+        index.set_num_threads(1)
+        started = time.perf_counter()
+        index.add_items(base, np.arange(len(base)), num_threads=1)
+        build = time.perf_counter() - started
+        if args.hnswlib_cache:
+            index.save_index(cache)
     index.set_num_threads(1)
-    started = time.perf_counter()
-    index.add_items(base, np.arange(len(base)), num_threads=1)
-    build = time.perf_counter() - started
 
     def search(ef):
         index.set_ef(ef)
@@ -150,7 +159,7 @@ class Quiver:
             # stale file would skip the build, so it goes first.
             path = os.path.join(args.data_dir, args.dataset,
                                 "graph-int8.bin" if int8 is not None else "graph.bin")
-            if os.path.exists(path):
+            if os.path.exists(path) and not args.reuse_graph:
                 os.remove(path)
             command += ["--graph", path]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -197,6 +206,12 @@ def main():
     parser.add_argument("--oversampling", type=float, default=3.0)
     parser.add_argument("--graph-file", action="store_true",
                         help="quiver: save the graph to a file and time reading it back")
+    parser.add_argument("--reuse-graph", action="store_true",
+                        help="with --graph-file: load a graph file left by an earlier run "
+                             "instead of building (no build time; start-up time only)")
+    parser.add_argument("--hnswlib-cache", action="store_true",
+                        help="hnswlib: load bench/data/<dataset>/hnswlib.bin if present "
+                             "(no build time), else build and save it")
     args = parser.parse_args()
 
     rows, dimension, metric, _ = DATASETS[args.dataset]

@@ -1533,16 +1533,21 @@ impl HnswIndex {
     /// payload` (little-endian). The payload is encoded twice (once to size and checksum it,
     /// once to write it) so no copy of the index is held in memory.
     pub fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        self.write_version(w, FORMAT_VERSION)
+    }
+
+    /// [`HnswIndex::write_to`] in format `version` (1 only for tests of reading old files).
+    fn write_version(&self, w: &mut dyn Write, version: u32) -> std::io::Result<()> {
         let mut sizing = Encoder::new(None);
-        self.encode(&mut sizing)?;
+        self.encode(&mut sizing, version)?;
         sizing.flush()?;
         let (length, crc) = (sizing.length, sizing.crc);
         w.write_all(MAGIC)?;
-        w.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        w.write_all(&version.to_le_bytes())?;
         w.write_all(&length.to_le_bytes())?;
         w.write_all(&crc.to_le_bytes())?;
         let mut writer = Encoder::new(Some(w));
-        self.encode(&mut writer)?;
+        self.encode(&mut writer, version)?;
         writer.flush()?;
         debug_assert_eq!((writer.length, writer.crc), (length, crc));
         Ok(())
@@ -1552,7 +1557,7 @@ impl HnswIndex {
     /// quantizer, codes and (L2) norms, then each row's level-0 list as `count u32` and
     /// `count` rows (exact size; format 1 padded every list to `2m`), the upper blocks in row
     /// order and the free rows.
-    fn encode(&self, e: &mut Encoder<'_>) -> std::io::Result<()> {
+    fn encode(&self, e: &mut Encoder<'_>, version: u32) -> std::io::Result<()> {
         e.u32(self.dimension as u32)?;
         e.u8(match self.metric {
             Metric::Cosine => 0,
@@ -1609,6 +1614,9 @@ impl HnswIndex {
         for row in rows {
             self.arena.links_into(row, &mut list);
             e.u32(list.len() as u32)?;
+            if version == 1 {
+                list.resize(self.arena.link_capacity, 0);
+            }
             e.u32s(&list)?;
         }
         // Upper blocks in row order (this compacts blocks orphaned by reuse).
@@ -2119,6 +2127,39 @@ mod tests {
         index.assert_invariants();
         let found = index.search(&[0.0, 1.0, 0.0, 0.5], 1, None, None, None, None);
         assert_eq!(found[0].0, 1000);
+    }
+
+    #[test]
+    fn format_1_files_are_still_read_and_links_widen_with_rows() {
+        let q = Quantization::Int8 {
+            rescore: false,
+            oversampling: 2.0,
+        };
+        for (metric, quantization) in [(Metric::L2, Quantization::None), (Metric::L2, q)] {
+            // 1,500 rows: past int8 training and past 10 bits per link.
+            let index = tiny(metric, quantization, 1_500);
+            assert_eq!(index.link_bits(), 11);
+            index.assert_invariants();
+            let (mut v1, mut v2) = (Vec::new(), Vec::new());
+            index.write_version(&mut v1, 1).expect("write v1");
+            index.write_to(&mut v2).expect("write v2");
+            assert!(
+                v2.len() < v1.len(),
+                "format 2 stores lists at their exact size"
+            );
+            let from_v1 = HnswIndex::read_from(&mut &v1[..]).expect("read v1");
+            let from_v2 = HnswIndex::read_from(&mut &v2[..]).expect("read v2");
+            let probe = [0.0, 1.0, 0.0, 0.5];
+            let want = index.search(&probe, 10, None, None, None, None);
+            assert_eq!(from_v1.search(&probe, 10, None, None, None, None), want);
+            assert_eq!(from_v2.search(&probe, 10, None, None, None, None), want);
+            let mut again = Vec::new();
+            from_v1.write_to(&mut again).expect("rewrite");
+            assert_eq!(
+                again, v2,
+                "v1 → v2 gives the same bytes as writing v2 directly"
+            );
+        }
     }
 
     #[test]
