@@ -3,7 +3,8 @@
 #
 #   bash bench/hnsw.sh [flags for hnsw_peers.py, e.g. --dataset sift1m --engines quiver,hnswlib]
 #
-# Creates bench/.venv with numpy, hnswlib and faiss-cpu (PyPI) if missing, builds the Rust
+# Uses the virtualenv at $BENCH_VENV (default bench/.venv); creates it with numpy, hnswlib and
+# faiss-cpu (PyPI) if it is missing or lacks them, builds the Rust
 # example in release mode, generates the dataset once under bench/data/ (gitignored), then
 # runs every engine in one process run. Honours CARGO_TARGET_DIR.
 set -euo pipefail
@@ -11,9 +12,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-PYTHON=bench/.venv/bin/python
+VENV="${BENCH_VENV:-bench/.venv}"
+PYTHON="$VENV/bin/python"
 if [ ! -x "$PYTHON" ]; then
-    python3 -m venv bench/.venv
+    python3 -m venv "$VENV"
 fi
 if ! "$PYTHON" -c 'import faiss, hnswlib, numpy' 2>/dev/null; then
     "$PYTHON" -m pip install --quiet numpy hnswlib faiss-cpu

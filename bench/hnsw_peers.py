@@ -88,7 +88,8 @@ class Peer:
     """A built peer index; `run(ef)` times one pass over all queries in one call."""
 
     def __init__(self, name, build_seconds, search, queries, truth, k):
-        self.result = {"engine": name, "build_seconds": round(build_seconds, 3)}
+        self.result = {"engine": name,
+                       "build_seconds": None if build_seconds is None else round(build_seconds, 3)}
         self.search, self.queries, self.truth, self.k = search, queries, truth, k
 
     def run(self, ef):
@@ -104,12 +105,20 @@ class Peer:
 def build_hnswlib(base, queries, truth, metric, args):
     import hnswlib
     index = hnswlib.Index(space="cosine" if metric == "cosine" else "l2", dim=base.shape[1])
-    index.init_index(max_elements=len(base), ef_construction=args.ef_construction, M=args.m,
-                     random_seed=100)
+    cache = os.path.join(args.data_dir, args.dataset, "hnswlib.bin")
+    if args.hnswlib_cache and os.path.exists(cache):
+        index.load_index(cache, max_elements=len(base))
+        build = None
+    else:
+        index.init_index(max_elements=len(base), ef_construction=args.ef_construction, M=args.m,
+                         random_seed=100)
+        index.set_num_threads(1)
+        started = time.perf_counter()
+        index.add_items(base, np.arange(len(base)), num_threads=1)
+        build = time.perf_counter() - started
+        if args.hnswlib_cache:
+            index.save_index(cache)
     index.set_num_threads(1)
-    started = time.perf_counter()
-    index.add_items(base, np.arange(len(base)), num_threads=1)
-    build = time.perf_counter() - started
 
     def search(ef):
         index.set_ef(ef)
@@ -145,6 +154,14 @@ class Quiver:
                    str(args.ef_construction)]
         if int8 is not None:
             command += ["--int8", str(int8)]
+        if args.graph_file:
+            # Written after the build and read back from disk (timed, fully validated); a
+            # stale file would skip the build, so it goes first.
+            path = os.path.join(args.data_dir, args.dataset,
+                                "graph-int8.bin" if int8 is not None else "graph.bin")
+            if os.path.exists(path) and not args.reuse_graph:
+                os.remove(path)
+            command += ["--graph", path]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, bufsize=1)
         line = self.process.stdout.readline()
@@ -187,6 +204,14 @@ def main():
     parser.add_argument("--ef", default="10,16,24,32,48,64,96,128,192,256,384,512,768")
     parser.add_argument("--engines", default="quiver,hnswlib,faiss,quiver-int8")
     parser.add_argument("--oversampling", type=float, default=3.0)
+    parser.add_argument("--graph-file", action="store_true",
+                        help="quiver: save the graph to a file and time reading it back")
+    parser.add_argument("--reuse-graph", action="store_true",
+                        help="with --graph-file: load a graph file left by an earlier run "
+                             "instead of building (no build time; start-up time only)")
+    parser.add_argument("--hnswlib-cache", action="store_true",
+                        help="hnswlib: load bench/data/<dataset>/hnswlib.bin if present "
+                             "(no build time), else build and save it")
     args = parser.parse_args()
 
     rows, dimension, metric, _ = DATASETS[args.dataset]
@@ -247,7 +272,14 @@ def main():
         for level, point in at_levels(r["sweep"]).items():
             cells.append("not reached" if point is None else f"{point['qps']:.0f} ({point['ef']})")
         memory = f"{r['memory_bytes'] / 1e6:.1f}" if "memory_bytes" in r else ""
-        print(f"| {r['engine']} | {r['build_seconds']:.1f} | " + " | ".join(cells) + f" | {memory} |")
+        build = "—" if r.get("build_seconds") is None else f"{r['build_seconds']:.1f}"
+        print(f"| {r['engine']} | {build} | " + " | ".join(cells) + f" | {memory} |")
+    for r in results:
+        if "load_seconds" in r:
+            where = "its file" if args.graph_file else "memory"
+            print(f"\n{r['engine']}: {r['memory_bytes']} memory bytes, link bits {r.get('link_bits')}; "
+                  f"saved {r['saved_bytes'] / 1e6:.1f} MB in {r['save_seconds']:.2f} s, read back "
+                  f"from {where} with full validation in {r['load_seconds']:.2f} s")
     print("\nsweeps (ef: recall / QPS):")
     for r in results:
         print(f"- {r['engine']}: " + ", ".join(

@@ -255,8 +255,9 @@ impl FlatIndex {
         };
         match backend {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Avx2Fma` only exists after the CPU reported AVX2 and FMA.
-            Backend::Avx2Fma => unsafe { scan_avx2(&scan, &mut topk) },
+            // SAFETY: `Avx2Fma` and `Avx512` only exist after the CPU reported AVX2 and FMA
+            // (the flat scan has no AVX-512 path of its own).
+            Backend::Avx2Fma | Backend::Avx512 => unsafe { scan_avx2(&scan, &mut topk) },
             _ => {
                 // SAFETY: the portable kernels have no CPU requirement.
                 unsafe { scan.run::<PortableRows>(&mut topk) }

@@ -10,14 +10,15 @@
 //! closer to the new node than to every neighbour kept so far); levels are drawn as
 //! `⌊−ln(U)/ln(m)⌋`.
 //!
-//! Layout (chosen for the search loop): vectors (or codes) in one contiguous row-major `Vec`;
-//! level-0 neighbour lists in one flat `Vec<u32>` with a fixed stride of `1 + 2m` (a count,
-//! then the rows), so a node's vector and list are each one or two cache lines found by
-//! multiplication; upper levels (≈ 1/m of rows) in a pooled `Vec<u32>` reached by an offset per
+//! Layout (chosen for the search loop, after hnswlib): one [`Arena`] block of words per row
+//! holding its level-0 neighbour count, its level-0 links bit-packed at `⌈log₂ rows⌉` bits
+//! each, and its vector (or codes), so scoring a node brings in the lines that expanding it
+//! later reads, and a list of `2m` links costs `2m · 17` bits at 100k rows instead of
+//! `2m · 32`; upper levels (≈ 1/m of rows) sit in a pooled `Vec<u32>` reached by an offset per
 //! row. The visited set is a per-thread array of generation stamps (no clearing per query),
-//! and a node's unvisited neighbours are all prefetched (first cache line) before any is
-//! scored, the rest of the next one while the current one is; a node's level-0 list is
-//! prefetched when it is queued as a candidate.
+//! and a node's unvisited neighbours are all prefetched (first payload line) before any is
+//! scored, the rest of the next one while the current one is; a candidate's block head
+//! (count and links) is prefetched when it is queued.
 //!
 //! It must never do I/O beyond the caller's `Write`/`Read`, lock, spawn threads or keep state
 //! between searches in `self`: `search(&self)` runs concurrently from many threads, so all
@@ -63,7 +64,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::io::{Read, Write};
 
-use crate::kernels;
+use crate::kernels::{self, Backend};
 use crate::sq8::{self, Sq8, TRAIN_ROWS};
 use crate::topk::{TopK, TOPK_LIMIT};
 use crate::{Metric, DIMENSION_LIMIT, ROW_LIMIT};
@@ -86,7 +87,7 @@ const FILTER_COST: f64 = 0.1;
 /// Marks a row with no upper-level block.
 const NO_UPPER: u32 = u32::MAX;
 const MAGIC: &[u8; 8] = b"QVHNSW\0\0";
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 /// Graph parameters. `m`: neighbours per node on upper levels (`2m` on level 0);
 /// `ef_construction`: candidate-list size while inserting; `ef_search`: default candidate-list
@@ -213,16 +214,233 @@ impl From<std::io::Error> for IndexFormatError {
     }
 }
 
+/// Level-0 storage, one fixed-size block of `u32` words per row (hnswlib's layout: scoring a
+/// node and later expanding it touch the same few cache lines):
+/// `[count][level-0 links, bit-packed: link_words][payload]`. The payload is the `f32` vector
+/// (`dimension` words) or, once int8 is trained, the codes (`⌈dimension / 4⌉` words) followed,
+/// for L2, by the decoded row's squared norm (one `f32` word). Links take `link_bits` bits
+/// each, the fewest that number every row the arena is laid out for (at least
+/// [`MIN_LINK_BITS`]); when rows outgrow them the arena is laid out again with one more bit,
+/// so a list of `2m` links costs `2m · ⌈log₂ rows⌉` bits instead of `2m · 32`.
 #[derive(Clone, Debug)]
-enum Storage {
-    /// `slots × dimension` floats (always for `Quantization::None`; int8 before training).
-    Float(Vec<f32>),
-    /// `slots × dimension` codes; `norms[r] = ‖decode(r)‖²` for L2, empty otherwise.
-    Int8 {
-        quantizer: Sq8,
-        codes: Vec<u8>,
-        norms: Vec<f32>,
-    },
+struct Arena {
+    words: Vec<u32>,
+    link_bits: u32,
+    /// Most links a block holds (`2m`).
+    link_capacity: usize,
+    link_words: usize,
+    payload_words: usize,
+    block_words: usize,
+}
+
+/// Fewest bits per packed link (so a growing index is not laid out again for its first rows).
+const MIN_LINK_BITS: u32 = 8;
+
+/// Bits that number rows `0..rows` (at least [`MIN_LINK_BITS`], at most 32).
+fn link_bits_for(rows: usize) -> u32 {
+    let largest = rows.saturating_sub(1) as u64;
+    (u64::BITS - largest.leading_zeros()).clamp(MIN_LINK_BITS, 32)
+}
+
+/// The words of a block's float payload as `f32`s.
+#[inline]
+fn as_floats(words: &[u32]) -> &[f32] {
+    // SAFETY: `u32` and `f32` have the same size and alignment and every bit pattern is a
+    // valid `f32`; the slice keeps the borrow of `words`.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<f32>(), words.len()) }
+}
+
+/// The words of a block's code payload as bytes (in memory order).
+#[inline]
+fn as_bytes(words: &[u32]) -> &[u8] {
+    // SAFETY: `u8` has alignment 1, the length covers exactly the words' bytes, and every
+    // bit pattern is a valid `u8`; the slice keeps the borrow of `words`.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), words.len() * 4) }
+}
+
+/// Asks Linux to back `words`' allocation with transparent huge pages where it can (the
+/// 2 MB-aligned part of it). The search touches blocks at random across the whole arena, so
+/// with 4 KB pages nearly every block costs a TLB miss and a page walk; with 2 MB pages the
+/// arena of a 100k × 384 index fits in the TLB. Only a hint: failures are ignored, and
+/// nothing changes where THP is off or not Linux. Call it before the pages are first touched.
+fn advise_huge_pages(words: &Vec<u32>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE_PAGE_BYTES: usize = 2 << 20;
+        let start = words.as_ptr() as usize;
+        let end = start + words.capacity() * 4;
+        let aligned_start = start.next_multiple_of(HUGE_PAGE_BYTES);
+        let aligned_end = end / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;
+        if aligned_end > aligned_start {
+            // SAFETY: madvise only changes how the kernel backs this range, which lies inside
+            // the Vec's own allocation; MADV_HUGEPAGE never changes its contents.
+            unsafe {
+                libc::madvise(
+                    aligned_start as *mut libc::c_void,
+                    aligned_end - aligned_start,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = words;
+}
+
+/// Packs bytes into words in memory order (the inverse of [`as_bytes`]), zero-padding the tail.
+fn pack_bytes(bytes: &[u8], words: &mut [u32]) {
+    debug_assert!(bytes.len() <= words.len() * 4);
+    for (word, chunk) in words.iter_mut().zip(bytes.chunks(4)) {
+        let mut quad = [0u8; 4];
+        quad[..chunk.len()].copy_from_slice(chunk);
+        *word = u32::from_ne_bytes(quad);
+    }
+}
+
+impl Arena {
+    fn new(link_bits: u32, link_capacity: usize, payload_words: usize) -> Arena {
+        assert!((MIN_LINK_BITS..=32).contains(&link_bits) && payload_words >= 1);
+        let link_words = (link_capacity * link_bits as usize).div_ceil(32);
+        Arena {
+            words: Vec::new(),
+            link_bits,
+            link_capacity,
+            link_words,
+            payload_words,
+            block_words: 1 + link_words + payload_words,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.words.len() / self.block_words
+    }
+
+    /// Rows whose numbers fit in `link_bits`.
+    fn row_capacity(&self) -> usize {
+        if self.link_bits >= 32 {
+            ROW_LIMIT
+        } else {
+            1usize << self.link_bits
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.words.capacity() * 4
+    }
+
+    #[inline]
+    fn block(&self, row: u32) -> &[u32] {
+        let start = row as usize * self.block_words;
+        &self.words[start..start + self.block_words]
+    }
+
+    /// Link `i` of `block` (`i < 2m`). The read of the following word stays inside the block:
+    /// the payload (at least one word) follows the links.
+    #[inline]
+    fn link(&self, block: &[u32], i: usize) -> u32 {
+        let bit = i * self.link_bits as usize;
+        let word = 1 + bit / 32;
+        let pair = block[word] as u64 | (block[word + 1] as u64) << 32;
+        ((pair >> (bit % 32)) & ((1u64 << self.link_bits) - 1)) as u32
+    }
+
+    fn links_into(&self, row: u32, out: &mut Vec<u32>) {
+        out.clear();
+        let block = self.block(row);
+        let count = (block[0] as usize).min(self.link_capacity);
+        out.extend((0..count).map(|i| self.link(block, i)));
+    }
+
+    fn set_links(&mut self, row: u32, links: &[u32]) {
+        assert!(links.len() <= self.link_capacity, "Arena: too many links");
+        let bits = self.link_bits as usize;
+        let mask = (1u64 << bits) - 1;
+        let start = row as usize * self.block_words;
+        let block = &mut self.words[start..start + self.block_words];
+        block[0] = links.len() as u32;
+        for (i, &link) in links.iter().enumerate() {
+            assert!(
+                link as u64 <= mask,
+                "Arena: link {link} needs more than {bits} bits"
+            );
+            let bit = i * bits;
+            let (word, shift) = (1 + bit / 32, bit % 32);
+            let pair = block[word] as u64 | (block[word + 1] as u64) << 32;
+            let pair = (pair & !(mask << shift)) | ((link as u64) << shift);
+            block[word] = pair as u32;
+            block[word + 1] = (pair >> 32) as u32;
+        }
+    }
+
+    #[inline]
+    fn payload(&self, row: u32) -> &[u32] {
+        let start = row as usize * self.block_words + 1 + self.link_words;
+        &self.words[start..start + self.payload_words]
+    }
+
+    fn payload_mut(&mut self, row: u32) -> &mut [u32] {
+        let start = row as usize * self.block_words + 1 + self.link_words;
+        &mut self.words[start..start + self.payload_words]
+    }
+
+    /// Appends a zeroed block (no links, zero payload), growing like a `Vec` (doubling).
+    fn push_row(&mut self) {
+        let needed = self.words.len() + self.block_words;
+        if needed > self.words.capacity() {
+            self.reserve_words(needed.max(self.words.capacity() * 2));
+        }
+        self.words.resize(needed, 0);
+    }
+
+    /// Makes the capacity at least `capacity_words` (exactly that when it grows), in a fresh
+    /// allocation advised to use huge pages before its pages are touched.
+    fn reserve_words(&mut self, capacity_words: usize) {
+        if capacity_words <= self.words.capacity() {
+            return;
+        }
+        let mut next = Vec::with_capacity(capacity_words);
+        advise_huge_pages(&next);
+        next.extend_from_slice(&self.words);
+        self.words = next;
+    }
+
+    /// Address of byte `offset` of `row`'s block, for prefetching only (never dereferenced).
+    #[inline]
+    fn address(&self, row: u32, offset_bytes: usize) -> *const u8 {
+        (self.words.as_ptr() as *const u8)
+            .wrapping_add(row as usize * self.block_words * 4 + offset_bytes)
+    }
+
+    /// The same rows laid out with `link_bits` and `payload_words`, with room for
+    /// `capacity_rows` rows; `convert(old, new)` fills each row's new payload from its old one.
+    fn relaid(
+        &self,
+        link_bits: u32,
+        payload_words: usize,
+        capacity_rows: usize,
+        mut convert: impl FnMut(&[u32], &mut [u32]),
+    ) -> Arena {
+        let rows = self.rows();
+        let mut next = Arena::new(link_bits, self.link_capacity, payload_words);
+        next.reserve_words(capacity_rows.max(rows).saturating_mul(next.block_words));
+        let mut links = Vec::with_capacity(self.link_capacity);
+        for row in 0..rows as u32 {
+            next.push_row();
+            self.links_into(row, &mut links);
+            next.set_links(row, &links);
+            convert(self.payload(row), next.payload_mut(row));
+        }
+        next
+    }
+}
+
+/// Payload words of one row: the float vector, or the codes plus (L2) the norm.
+fn payload_words_for(dimension: usize, metric: Metric, quantized: bool) -> usize {
+    if quantized {
+        dimension.div_ceil(4) + usize::from(metric == Metric::L2)
+    } else {
+        dimension
+    }
 }
 
 /// Approximate nearest-neighbour index. See the module docs.
@@ -232,14 +450,15 @@ pub struct HnswIndex {
     metric: Metric,
     params: HnswParams,
     quantization: Quantization,
-    storage: Storage,
+    /// The trained int8 quantizer: `Some` iff the arena's payloads are codes.
+    quantizer: Option<Sq8>,
+    /// Level-0 links and vectors (or codes), one block per row.
+    arena: Arena,
     /// Caller id per row (a tombstoned row keeps its stale id).
     ids: Vec<u64>,
     live: Vec<bool>,
     /// Top level of each row's node.
     levels: Vec<u8>,
-    /// Level-0 lists: row `r` at `r · (1 + 2m)`: count, then up to `2m` rows.
-    links0: Vec<u32>,
     /// Per row, offset of its upper block in `upper_links`, or `NO_UPPER` at level 0.
     upper_offsets: Vec<u32>,
     /// Blocks of `level × (1 + m)`: for levels 1..=level, a count then up to `m` rows.
@@ -255,11 +474,13 @@ pub struct HnswIndex {
 }
 
 /// A query as the distance function wants it: the (normalised) float query, or for int8
-/// codes the prepared query with its constant term and squared norm.
+/// codes the prepared query with its constant term and squared norm; and the kernel backend,
+/// chosen once per query.
 struct Probe<'a> {
     vector: &'a [f32],
     constant: f32,
     norm_squared: f32,
+    backend: Backend,
 }
 
 /// `(key, row)` ordered by key then row (keys are never NaN: vectors are finite).
@@ -280,13 +501,15 @@ impl Ord for Near {
     }
 }
 
-/// Per-thread search scratch: generation-stamped visited marks and the two heaps.
+/// Per-thread search scratch: generation-stamped visited marks, the two heaps and the list of
+/// a node's unvisited neighbours (all reused, so a search allocates nothing here).
 #[derive(Default)]
 struct Scratch {
     marks: Vec<u16>,
     generation: u16,
     candidates: BinaryHeap<Reverse<Near>>,
     results: BinaryHeap<Near>,
+    pending: Vec<u32>,
 }
 
 impl Scratch {
@@ -302,15 +525,7 @@ impl Scratch {
         }
         self.candidates.clear();
         self.results.clear();
-    }
-
-    /// Marks `row` visited; returns whether it already was.
-    #[inline]
-    fn visit(&mut self, row: u32) -> bool {
-        let mark = &mut self.marks[row as usize];
-        let seen = *mark == self.generation;
-        *mark = self.generation;
-        seen
+        self.pending.clear();
     }
 }
 
@@ -370,11 +585,15 @@ impl HnswIndex {
             metric,
             params,
             quantization,
-            storage: Storage::Float(Vec::new()),
+            quantizer: None,
+            arena: Arena::new(
+                MIN_LINK_BITS,
+                2 * params.m,
+                payload_words_for(dimension, metric, false),
+            ),
             ids: Vec::new(),
             live: Vec::new(),
             levels: Vec::new(),
-            links0: Vec::new(),
             upper_offsets: Vec::new(),
             upper_links: Vec::new(),
             free_rows: Vec::new(),
@@ -422,26 +641,23 @@ impl HnswIndex {
 
     /// Whether vectors are held as int8 codes now (int8 mode after [`TRAIN_ROWS`] rows).
     pub fn is_quantized(&self) -> bool {
-        matches!(self.storage, Storage::Int8 { .. })
+        self.quantizer.is_some()
+    }
+
+    /// Bits each level-0 link takes in memory now (grows with the row count).
+    pub fn link_bits(&self) -> u32 {
+        self.arena.link_bits
     }
 
     /// Bytes held by this index's heap allocations, by capacity, plus the struct itself.
     pub fn memory_bytes(&self) -> usize {
-        let storage = match &self.storage {
-            Storage::Float(vectors) => vectors.capacity() * 4,
-            Storage::Int8 {
-                quantizer,
-                codes,
-                norms,
-            } => quantizer.memory_bytes() + codes.capacity() + norms.capacity() * 4,
-        };
         std::mem::size_of::<Self>()
-            + storage
+            + self.quantizer.as_ref().map_or(0, Sq8::memory_bytes)
+            + self.arena.memory_bytes()
             + self.ids.capacity() * 8
             + self.live.capacity()
             + self.levels.capacity()
-            + (self.links0.capacity()
-                + self.upper_offsets.capacity()
+            + (self.upper_offsets.capacity()
                 + self.upper_links.capacity()
                 + self.free_rows.capacity())
                 * 4
@@ -451,34 +667,39 @@ impl HnswIndex {
     pub fn reserve(&mut self, additional_rows: usize) {
         let rows = self.ids.len().saturating_add(additional_rows);
         assert!(rows <= ROW_LIMIT, "HnswIndex: reserve beyond ROW_LIMIT");
-        let components = additional_rows
-            .checked_mul(self.dimension)
-            .expect("HnswIndex: reserve overflows usize");
-        match &mut self.storage {
-            Storage::Float(vectors) => {
-                // An int8 index only holds floats for its first TRAIN_ROWS rows.
-                if self.quantization == Quantization::None {
-                    vectors.reserve(components)
-                }
-            }
-            Storage::Int8 { codes, norms, .. } => {
-                codes.reserve(components);
-                if self.metric == Metric::L2 {
-                    norms.reserve(additional_rows);
-                }
-            }
+        // An int8 index holds floats only for its first TRAIN_ROWS rows: reserve codes when it
+        // trains (sized from `ids`' capacity), not floats now.
+        let untrained_int8 =
+            matches!(self.quantization, Quantization::Int8 { .. }) && self.quantizer.is_none();
+        let bits = link_bits_for(rows);
+        if bits > self.arena.link_bits {
+            let capacity = if untrained_int8 { 0 } else { rows };
+            self.relay(bits, self.arena.payload_words, capacity, |old, new| {
+                new.copy_from_slice(old)
+            });
+        } else if !untrained_int8 {
+            let words = (self.ids.len().saturating_add(additional_rows))
+                .saturating_mul(self.arena.block_words);
+            self.arena.reserve_words(words);
         }
         self.ids.reserve(additional_rows);
         self.live.reserve(additional_rows);
         self.levels.reserve(additional_rows);
         self.upper_offsets.reserve(additional_rows);
-        self.links0
-            .reserve(additional_rows.saturating_mul(self.stride0()));
     }
 
-    #[inline]
-    fn stride0(&self) -> usize {
-        1 + 2 * self.params.m
+    /// Replaces the arena by a copy with `link_bits` and `payload_words` (see [`Arena::relaid`]).
+    fn relay(
+        &mut self,
+        link_bits: u32,
+        payload_words: usize,
+        capacity_rows: usize,
+        convert: impl FnMut(&[u32], &mut [u32]),
+    ) {
+        let next = self
+            .arena
+            .relaid(link_bits, payload_words, capacity_rows, convert);
+        self.arena = next;
     }
 
     #[inline]
@@ -495,60 +716,64 @@ impl HnswIndex {
         }
     }
 
-    /// Offset of `row`'s list at `level` in `links0` (level 0) or `upper_links`.
+    /// Offset of `row`'s list at `level ≥ 1` in `upper_links`.
     #[inline]
-    fn list_offset(&self, row: u32, level: usize) -> usize {
-        if level == 0 {
-            row as usize * self.stride0()
-        } else {
-            let base = self.upper_offsets[row as usize];
-            debug_assert_ne!(base, NO_UPPER);
-            debug_assert!(level <= self.levels[row as usize] as usize);
-            base as usize + (level - 1) * self.stride_upper()
-        }
+    fn upper_offset(&self, row: u32, level: usize) -> usize {
+        let base = self.upper_offsets[row as usize];
+        debug_assert!(level >= 1 && base != NO_UPPER);
+        debug_assert!(level <= self.levels[row as usize] as usize);
+        base as usize + (level - 1) * self.stride_upper()
     }
 
+    /// `row`'s neighbours at `level ≥ 1`.
     #[inline]
-    fn neighbours(&self, row: u32, level: usize) -> &[u32] {
-        let offset = self.list_offset(row, level);
-        let list = if level == 0 {
-            &self.links0[offset..offset + self.stride0()]
+    fn upper_neighbours(&self, row: u32, level: usize) -> &[u32] {
+        let offset = self.upper_offset(row, level);
+        let list = &self.upper_links[offset..offset + self.stride_upper()];
+        &list[1..1 + (list[0] as usize).min(self.params.m)]
+    }
+
+    /// `row`'s neighbours at any level, into `out`.
+    fn neighbours_into(&self, row: u32, level: usize, out: &mut Vec<u32>) {
+        if level == 0 {
+            self.arena.links_into(row, out);
         } else {
-            &self.upper_links[offset..offset + self.stride_upper()]
-        };
-        &list[1..1 + list[0] as usize]
+            out.clear();
+            out.extend_from_slice(self.upper_neighbours(row, level));
+        }
     }
 
     fn set_neighbours(&mut self, row: u32, level: usize, neighbours: &[u32]) {
         assert!(neighbours.len() <= self.max_neighbours(level));
-        let offset = self.list_offset(row, level);
-        let list = if level == 0 {
-            &mut self.links0[offset..offset + 1 + 2 * self.params.m]
+        if level == 0 {
+            self.arena.set_links(row, neighbours);
         } else {
-            &mut self.upper_links[offset..offset + 1 + self.params.m]
-        };
-        list[0] = neighbours.len() as u32;
-        list[1..1 + neighbours.len()].copy_from_slice(neighbours);
+            let offset = self.upper_offset(row, level);
+            let list = &mut self.upper_links[offset..offset + 1 + self.params.m];
+            list[0] = neighbours.len() as u32;
+            list[1..1 + neighbours.len()].copy_from_slice(neighbours);
+        }
     }
 
     /// The ranking key of `row` for `probe` (smaller is closer).
     #[inline]
     fn key(&self, probe: &Probe<'_>, row: u32) -> f32 {
-        let d = self.dimension;
-        let start = row as usize * d;
-        match &self.storage {
-            Storage::Float(vectors) => {
-                let vector = &vectors[start..start + d];
+        let payload = self.arena.payload(row);
+        match &self.quantizer {
+            None => {
+                let vector = as_floats(payload);
                 if self.metric == Metric::L2 {
-                    kernels::l2_squared(probe.vector, vector)
+                    kernels::l2_squared_with(probe.backend, probe.vector, vector)
                 } else {
-                    -kernels::dot(probe.vector, vector)
+                    -kernels::dot_with(probe.backend, probe.vector, vector)
                 }
             }
-            Storage::Int8 { codes, norms, .. } => {
-                let dot = probe.constant + sq8::dot_code(probe.vector, &codes[start..start + d]);
+            Some(_) => {
+                let codes = &as_bytes(payload)[..self.dimension];
+                let dot = probe.constant + sq8::dot_code_with(probe.backend, probe.vector, codes);
                 if self.metric == Metric::L2 {
-                    (probe.norm_squared - 2.0 * dot + norms[row as usize]).max(0.0)
+                    let norm_squared = f32::from_bits(payload[payload.len() - 1]);
+                    (probe.norm_squared - 2.0 * dot + norm_squared).max(0.0)
                 } else {
                     -dot
                 }
@@ -566,48 +791,50 @@ impl HnswIndex {
         }
     }
 
-    /// Prefetches cache lines `lines` (64 bytes each) of `row`'s vector or code, clipped to
-    /// the row's length.
+    /// Prefetches cache lines `lines` (64 bytes each) of `row`'s payload, clipped to it.
     #[inline]
     fn prefetch_row(&self, row: u32, lines: std::ops::Range<usize>) {
-        let start = row as usize * self.dimension;
-        let (pointer, row_bytes) = match &self.storage {
-            Storage::Float(vectors) => (vectors[start..].as_ptr() as *const u8, self.dimension * 4),
-            Storage::Int8 { codes, .. } => (codes[start..].as_ptr(), self.dimension),
-        };
+        let start_bytes = (1 + self.arena.link_words) * 4;
+        let payload_bytes = self.arena.payload_words * 4;
         for line in lines {
             let offset = line * 64;
-            if offset >= row_bytes {
+            if offset >= payload_bytes {
                 break;
             }
-            prefetch(pointer.wrapping_add(offset));
+            prefetch(self.arena.address(row, start_bytes + offset));
         }
     }
 
-    /// Prefetches the first two cache lines of `row`'s level-0 list.
+    /// Prefetches `row`'s level-0 count and links (the head of its block).
     #[inline]
     fn prefetch_links0(&self, row: u32) {
-        let start = row as usize * self.stride0();
-        let pointer = self.links0[start..].as_ptr();
-        prefetch(pointer);
-        prefetch(pointer.wrapping_add(16));
+        let end_bytes = (1 + self.arena.link_words) * 4;
+        let mut offset = 0;
+        while offset < end_bytes {
+            prefetch(self.arena.address(row, offset));
+            offset += 64;
+        }
+        prefetch(self.arena.address(row, end_bytes - 1));
     }
 
     /// A probe for a float vector (already normalised for Cosine).
     fn probe<'a>(&self, vector: &'a [f32], buffer: &'a mut Vec<f32>) -> Probe<'a> {
-        match &self.storage {
-            Storage::Float(_) => Probe {
+        let backend = kernels::backend();
+        match &self.quantizer {
+            None => Probe {
                 vector,
                 constant: 0.0,
                 norm_squared: 0.0,
+                backend,
             },
-            Storage::Int8 { quantizer, .. } => {
+            Some(quantizer) => {
                 let constant = quantizer.prepare(vector, buffer);
                 let buffer: &'a Vec<f32> = buffer;
                 Probe {
                     vector: buffer,
                     constant,
                     norm_squared: kernels::dot(vector, vector),
+                    backend,
                 }
             }
         }
@@ -620,19 +847,17 @@ impl HnswIndex {
         decoded: &'a mut Vec<f32>,
         prepared: &'a mut Vec<f32>,
     ) -> Probe<'a> {
-        let d = self.dimension;
-        let start = row as usize * d;
-        match &self.storage {
-            Storage::Float(vectors) => Probe {
-                vector: &vectors[start..start + d],
+        let payload = self.arena.payload(row);
+        match &self.quantizer {
+            None => Probe {
+                vector: as_floats(payload),
                 constant: 0.0,
                 norm_squared: 0.0,
+                backend: kernels::backend(),
             },
-            Storage::Int8 {
-                quantizer, codes, ..
-            } => {
-                decoded.resize(d, 0.0);
-                quantizer.decode(&codes[start..start + d], decoded);
+            Some(quantizer) => {
+                decoded.resize(self.dimension, 0.0);
+                quantizer.decode(&as_bytes(payload)[..self.dimension], decoded);
                 let decoded: &'a Vec<f32> = decoded;
                 self.probe(decoded, prepared)
             }
@@ -685,12 +910,21 @@ impl HnswIndex {
                 }
                 self.levels[index] = level as u8;
                 self.ids[index] = id;
-                self.write_vector(row, vector);
                 (row, level)
             }
             None => {
                 assert!(self.ids.len() < ROW_LIMIT, "HnswIndex: ROW_LIMIT reached");
                 let row = self.ids.len() as u32;
+                if self.ids.len() + 1 > self.arena.row_capacity() {
+                    // Rows outgrew the link width: one more bit doubles the rows it numbers.
+                    let capacity = self.arena.words.capacity() / self.arena.block_words;
+                    self.relay(
+                        self.arena.link_bits + 1,
+                        self.arena.payload_words,
+                        capacity,
+                        |old, new| new.copy_from_slice(old),
+                    );
+                }
                 self.ids.push(id);
                 self.live.push(false);
                 self.levels.push(drawn as u8);
@@ -700,12 +934,12 @@ impl HnswIndex {
                     NO_UPPER
                 };
                 self.upper_offsets.push(offset);
-                let stride = self.stride0();
-                self.links0.resize(self.links0.len() + stride, 0);
-                self.push_vector(vector);
+                self.arena.push_row();
                 (row, drawn)
             }
         };
+        let payload = self.payload_of(vector);
+        self.arena.payload_mut(row).copy_from_slice(&payload);
         for l in 0..=level {
             self.set_neighbours(row, l, &[]);
         }
@@ -741,44 +975,11 @@ impl HnswIndex {
         offset as u32
     }
 
-    fn push_vector(&mut self, vector: &[f32]) {
-        match &mut self.storage {
-            Storage::Float(vectors) => vectors.extend_from_slice(vector),
-            Storage::Int8 {
-                quantizer,
-                codes,
-                norms,
-            } => {
-                let start = codes.len();
-                codes.resize(start + self.dimension, 0);
-                quantizer.encode(vector, &mut codes[start..]);
-                if self.metric == Metric::L2 {
-                    let mut decoded = vec![0.0; self.dimension];
-                    quantizer.decode(&codes[start..], &mut decoded);
-                    norms.push(kernels::dot(&decoded, &decoded));
-                }
-            }
-        }
-    }
-
-    fn write_vector(&mut self, row: u32, vector: &[f32]) {
-        let d = self.dimension;
-        let start = row as usize * d;
-        match &mut self.storage {
-            Storage::Float(vectors) => vectors[start..start + d].copy_from_slice(vector),
-            Storage::Int8 {
-                quantizer,
-                codes,
-                norms,
-            } => {
-                quantizer.encode(vector, &mut codes[start..start + d]);
-                if self.metric == Metric::L2 {
-                    let mut decoded = vec![0.0; d];
-                    quantizer.decode(&codes[start..start + d], &mut decoded);
-                    norms[row as usize] = kernels::dot(&decoded, &decoded);
-                }
-            }
-        }
+    /// The arena payload for `vector` in the current storage mode.
+    fn payload_of(&self, vector: &[f32]) -> Vec<u32> {
+        let mut payload = vec![0u32; self.arena.payload_words];
+        encode_payload(self.metric, self.quantizer.as_ref(), vector, &mut payload);
+        payload
     }
 
     /// Trains the int8 quantizer once [`TRAIN_ROWS`] rows exist, then drops the floats.
@@ -786,43 +987,29 @@ impl HnswIndex {
         let Quantization::Int8 { .. } = self.quantization else {
             return;
         };
-        let Storage::Float(vectors) = &self.storage else {
-            return;
-        };
-        if self.ids.len() < TRAIN_ROWS {
+        if self.quantizer.is_some() || self.ids.len() < TRAIN_ROWS {
             return;
         }
         let d = self.dimension;
         let bound = (self.metric == Metric::Cosine).then_some(1.0);
+        let arena = &self.arena;
         let quantizer = Sq8::train(
             d,
-            vectors
-                .chunks_exact(d)
-                .zip(&self.live)
-                .filter(|(_, live)| **live)
-                .map(|(v, _)| v),
+            (0..self.ids.len() as u32)
+                .filter(|&row| self.live[row as usize])
+                .map(|row| as_floats(arena.payload(row))),
             bound,
         );
         // Keep the capacity the caller reserved (in rows) for the codes.
-        let mut codes = Vec::with_capacity(self.ids.capacity() * d);
-        codes.resize(vectors.len(), 0u8);
-        let mut norms = Vec::new();
-        if self.metric == Metric::L2 {
-            norms.reserve(self.ids.capacity());
-        }
-        let mut decoded = vec![0.0; d];
-        for (vector, code) in vectors.chunks_exact(d).zip(codes.chunks_exact_mut(d)) {
-            quantizer.encode(vector, code);
-            if self.metric == Metric::L2 {
-                quantizer.decode(code, &mut decoded);
-                norms.push(kernels::dot(&decoded, &decoded));
-            }
-        }
-        self.storage = Storage::Int8 {
-            quantizer,
-            codes,
-            norms,
-        };
+        let capacity = self.ids.capacity();
+        let metric = self.metric;
+        self.relay(
+            self.arena.link_bits,
+            payload_words_for(d, metric, true),
+            capacity,
+            |old, new| encode_payload(metric, Some(&quantizer), as_floats(old), new),
+        );
+        self.quantizer = Some(quantizer);
     }
 
     /// Connects the (unlinked, not yet live) node `row` at levels `0..=level`.
@@ -854,17 +1041,16 @@ impl HnswIndex {
     /// Adds the edge `from → to` at `level`, pruning `from`'s list by the heuristic if full.
     fn add_link(&mut self, from: u32, to: u32, level: usize) {
         let capacity = self.max_neighbours(level);
-        let existing = self.neighbours(from, level);
-        if existing.contains(&to) {
-            return;
-        }
-        let mut list: Vec<u32> = existing.to_vec();
-        if list.len() < capacity {
-            list.push(to);
-            self.set_neighbours(from, level, &list);
+        let mut list = Vec::with_capacity(capacity + 1);
+        self.neighbours_into(from, level, &mut list);
+        if list.contains(&to) {
             return;
         }
         list.push(to);
+        if list.len() <= capacity {
+            self.set_neighbours(from, level, &list);
+            return;
+        }
         let (mut decoded, mut prepared) = (Vec::new(), Vec::new());
         let probe = self.row_probe(from, &mut decoded, &mut prepared);
         let mut candidates: Vec<Near> =
@@ -894,7 +1080,7 @@ impl HnswIndex {
         selected
     }
 
-    /// Greedy descent on one upper level: moves to a closer neighbour until none is closer.
+    /// Greedy descent on one upper level (≥ 1): moves to a closer neighbour until none is.
     fn greedy(
         &self,
         probe: &Probe<'_>,
@@ -904,7 +1090,7 @@ impl HnswIndex {
     ) -> (u32, f32) {
         loop {
             let mut changed = false;
-            for &neighbour in self.neighbours(current, level) {
+            for &neighbour in self.upper_neighbours(current, level) {
                 let k = self.key(probe, neighbour);
                 if k < key {
                     key = k;
@@ -931,21 +1117,36 @@ impl HnswIndex {
         scratch: &mut Scratch,
     ) -> Vec<Near> {
         scratch.begin(self.ids.len());
+        let Scratch {
+            marks,
+            generation,
+            candidates,
+            results,
+            pending,
+        } = scratch;
+        let generation = *generation;
+        // Marks `row` visited; returns whether it already was.
+        let mut visit = |row: u32| -> bool {
+            let mark = &mut marks[row as usize];
+            let seen = *mark == generation;
+            *mark = generation;
+            seen
+        };
         for &entry in entries {
-            if scratch.visit(entry.1) {
+            if visit(entry.1) {
                 continue;
             }
-            scratch.candidates.push(Reverse(entry));
+            candidates.push(Reverse(entry));
             if accept(entry.1) {
-                scratch.results.push(entry);
-                if scratch.results.len() > ef {
-                    scratch.results.pop();
+                results.push(entry);
+                if results.len() > ef {
+                    results.pop();
                 }
             }
         }
-        while let Some(Reverse(Near(key, row))) = scratch.candidates.pop() {
-            if scratch.results.len() >= ef {
-                let worst = scratch.results.peek().map_or(f32::INFINITY, |n| n.0);
+        while let Some(Reverse(Near(key, row))) = candidates.pop() {
+            if results.len() >= ef {
+                let worst = results.peek().map_or(f32::INFINITY, |n| n.0);
                 if key > worst {
                     break;
                 }
@@ -953,40 +1154,49 @@ impl HnswIndex {
             // Two passes: mark the unvisited neighbours and prefetch the head of each of
             // their vectors (many misses in flight at once), then score them, prefetching the
             // rest of the next one's vector while scoring this one.
-            let mut pending = [0u32; 2 * M_LIMIT];
-            let mut count = 0;
-            for &neighbour in self.neighbours(row, level) {
-                if !scratch.visit(neighbour) {
-                    self.prefetch_row(neighbour, 0..1);
-                    pending[count] = neighbour;
-                    count += 1;
+            pending.clear();
+            if level == 0 {
+                let block = self.arena.block(row);
+                let count = (block[0] as usize).min(self.arena.link_capacity);
+                for i in 0..count {
+                    let neighbour = self.arena.link(block, i);
+                    if !visit(neighbour) {
+                        self.prefetch_row(neighbour, 0..1);
+                        pending.push(neighbour);
+                    }
+                }
+            } else {
+                for &neighbour in self.upper_neighbours(row, level) {
+                    if !visit(neighbour) {
+                        self.prefetch_row(neighbour, 0..1);
+                        pending.push(neighbour);
+                    }
                 }
             }
-            for i in 0..count {
-                let neighbour = pending[i];
-                if i + 1 < count {
-                    self.prefetch_row(pending[i + 1], 1..PREFETCH_LINES);
+            for (i, &neighbour) in pending.iter().enumerate() {
+                if let Some(&next) = pending.get(i + 1) {
+                    self.prefetch_row(next, 1..PREFETCH_LINES);
                 }
                 let k = self.key(probe, neighbour);
-                let full = scratch.results.len() >= ef;
-                let worst = scratch.results.peek().map_or(f32::INFINITY, |n| n.0);
+                let full = results.len() >= ef;
+                let worst = results.peek().map_or(f32::INFINITY, |n| n.0);
                 if !full || k < worst {
-                    // It may be expanded soon: fetch its level-0 list (which, unlike
-                    // hnswlib's, does not sit next to its vector) while the search goes on.
+                    // It may be expanded soon: fetch the head of its block (count and links,
+                    // just before the vector that was read) while the search goes on.
                     if level == 0 {
                         self.prefetch_links0(neighbour);
                     }
-                    scratch.candidates.push(Reverse(Near(k, neighbour)));
+                    candidates.push(Reverse(Near(k, neighbour)));
                     if accept(neighbour) {
-                        scratch.results.push(Near(k, neighbour));
-                        if scratch.results.len() > ef {
-                            scratch.results.pop();
+                        results.push(Near(k, neighbour));
+                        if results.len() > ef {
+                            results.pop();
                         }
                     }
                 }
             }
         }
-        let mut found: Vec<Near> = scratch.results.drain().collect();
+        let mut found: Vec<Near> = results.drain().collect();
         found.sort_unstable();
         found
     }
@@ -1243,10 +1453,19 @@ impl HnswIndex {
         assert_eq!(self.live.len(), slots);
         assert_eq!(self.levels.len(), slots);
         assert_eq!(self.upper_offsets.len(), slots);
-        assert_eq!(self.links0.len(), slots * self.stride0());
-        match &self.storage {
-            Storage::Float(vectors) => {
-                assert_eq!(vectors.len(), slots * self.dimension);
+        let arena = &self.arena;
+        assert_eq!(arena.words.len(), slots * arena.block_words);
+        assert_eq!(arena.link_capacity, 2 * self.params.m);
+        assert!(
+            slots <= arena.row_capacity(),
+            "links too narrow for the rows"
+        );
+        assert_eq!(
+            arena.payload_words,
+            payload_words_for(self.dimension, self.metric, self.quantizer.is_some())
+        );
+        match &self.quantizer {
+            None => {
                 if matches!(self.quantization, Quantization::Int8 { .. }) {
                     assert!(
                         slots < TRAIN_ROWS,
@@ -1254,17 +1473,10 @@ impl HnswIndex {
                     );
                 }
             }
-            Storage::Int8 {
-                quantizer,
-                codes,
-                norms,
-            } => {
+            Some(quantizer) => {
                 assert!(matches!(self.quantization, Quantization::Int8 { .. }));
                 assert_eq!(quantizer.dimension(), self.dimension);
                 quantizer.assert_invariants();
-                assert_eq!(codes.len(), slots * self.dimension);
-                let want_norms = if self.metric == Metric::L2 { slots } else { 0 };
-                assert_eq!(norms.len(), want_norms);
             }
         }
         assert_eq!(self.live.iter().filter(|l| **l).count(), self.live_count);
@@ -1285,6 +1497,7 @@ impl HnswIndex {
                 assert_eq!(self.levels[entry as usize] as usize, self.max_level);
             }
         }
+        let mut list = Vec::new();
         for row in 0..slots as u32 {
             let level = self.levels[row as usize] as usize;
             assert!(level <= self.max_level && level < LEVEL_LIMIT);
@@ -1294,15 +1507,16 @@ impl HnswIndex {
             }
             for l in 0..=level {
                 let count = if l == 0 {
-                    self.links0[self.list_offset(row, 0)] as usize
+                    arena.block(row)[0] as usize
                 } else {
-                    self.upper_links[self.list_offset(row, l)] as usize
+                    self.upper_links[self.upper_offset(row, l)] as usize
                 };
                 assert!(
                     count <= self.max_neighbours(l),
                     "row {row} level {l}: too many links"
                 );
-                for &n in self.neighbours(row, l) {
+                self.neighbours_into(row, l, &mut list);
+                for &n in &list {
                     assert!((n as usize) < slots, "row {row}: link {n} out of range");
                     assert!(
                         self.levels[n as usize] as usize >= l,
@@ -1319,22 +1533,31 @@ impl HnswIndex {
     /// payload` (little-endian). The payload is encoded twice (once to size and checksum it,
     /// once to write it) so no copy of the index is held in memory.
     pub fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        self.write_version(w, FORMAT_VERSION)
+    }
+
+    /// [`HnswIndex::write_to`] in format `version` (1 only for tests of reading old files).
+    fn write_version(&self, w: &mut dyn Write, version: u32) -> std::io::Result<()> {
         let mut sizing = Encoder::new(None);
-        self.encode(&mut sizing)?;
+        self.encode(&mut sizing, version)?;
         sizing.flush()?;
         let (length, crc) = (sizing.length, sizing.crc);
         w.write_all(MAGIC)?;
-        w.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        w.write_all(&version.to_le_bytes())?;
         w.write_all(&length.to_le_bytes())?;
         w.write_all(&crc.to_le_bytes())?;
         let mut writer = Encoder::new(Some(w));
-        self.encode(&mut writer)?;
+        self.encode(&mut writer, version)?;
         writer.flush()?;
         debug_assert_eq!((writer.length, writer.crc), (length, crc));
         Ok(())
     }
 
-    fn encode(&self, e: &mut Encoder<'_>) -> std::io::Result<()> {
+    /// Format 2: header fields, ids, live flags, levels, the vectors (`f32` rows) or the
+    /// quantizer, codes and (L2) norms, then each row's level-0 list as `count u32` and
+    /// `count` rows (exact size; format 1 padded every list to `2m`), the upper blocks in row
+    /// order and the free rows.
+    fn encode(&self, e: &mut Encoder<'_>, version: u32) -> std::io::Result<()> {
         e.u32(self.dimension as u32)?;
         e.u8(match self.metric {
             Metric::Cosine => 0,
@@ -1364,24 +1587,38 @@ impl HnswIndex {
         let live: Vec<u8> = self.live.iter().map(|&l| l as u8).collect();
         e.bytes(&live)?;
         e.bytes(&self.levels)?;
-        match &self.storage {
-            Storage::Float(vectors) => {
+        let rows = 0..slots as u32;
+        match &self.quantizer {
+            None => {
                 e.u8(0)?;
-                e.f32s(vectors)?;
+                for row in rows.clone() {
+                    e.f32s(as_floats(self.arena.payload(row)))?;
+                }
             }
-            Storage::Int8 {
-                quantizer,
-                codes,
-                norms,
-            } => {
+            Some(quantizer) => {
                 e.u8(1)?;
                 e.f32s(&quantizer.min)?;
                 e.f32s(&quantizer.scale)?;
-                e.bytes(codes)?;
-                e.f32s(norms)?;
+                for row in rows.clone() {
+                    e.bytes(&as_bytes(self.arena.payload(row))[..self.dimension])?;
+                }
+                if self.metric == Metric::L2 {
+                    for row in rows.clone() {
+                        let payload = self.arena.payload(row);
+                        e.f32s(&[f32::from_bits(payload[payload.len() - 1])])?;
+                    }
+                }
             }
         }
-        e.u32s(&self.links0)?;
+        let mut list = Vec::with_capacity(self.arena.link_capacity);
+        for row in rows {
+            self.arena.links_into(row, &mut list);
+            e.u32(list.len() as u32)?;
+            if version == 1 {
+                list.resize(self.arena.link_capacity, 0);
+            }
+            e.u32s(&list)?;
+        }
         // Upper blocks in row order (this compacts blocks orphaned by reuse).
         for row in 0..slots {
             let level = self.levels[row] as usize;
@@ -1395,10 +1632,11 @@ impl HnswIndex {
         Ok(())
     }
 
-    /// Reads an index written by [`HnswIndex::write_to`]. Every field is validated; corrupt,
-    /// truncated or foreign bytes give an error, never a panic, and allocation is bounded by
-    /// the bytes actually present. The payload is read whole before it is parsed, so loading
-    /// needs about twice the index's size transiently.
+    /// Reads an index written by [`HnswIndex::write_to`] (format 2, or format 1 of earlier
+    /// builds). Every field is validated; corrupt, truncated or foreign bytes give an error,
+    /// never a panic, and allocation is bounded by the bytes actually present. The payload is
+    /// read whole before it is parsed, so loading needs about twice the index's size
+    /// transiently.
     pub fn read_from(r: &mut dyn Read) -> Result<HnswIndex, IndexFormatError> {
         let mut header = [0u8; 24];
         r.read_exact(&mut header)?;
@@ -1406,7 +1644,7 @@ impl HnswIndex {
             return Err(IndexFormatError::BadMagic);
         }
         let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&version) {
             return Err(IndexFormatError::UnsupportedVersion(version));
         }
         let length = u64::from_le_bytes(header[12..20].try_into().expect("8 bytes"));
@@ -1423,16 +1661,19 @@ impl HnswIndex {
         if actual != expected {
             return Err(IndexFormatError::Checksum { expected, actual });
         }
-        let index = Self::decode(&mut Decoder {
-            bytes: &payload,
-            position: 0,
-        })
+        let index = Self::decode(
+            &mut Decoder {
+                bytes: &payload,
+                position: 0,
+            },
+            version,
+        )
         .map_err(IndexFormatError::Invalid)?;
         index.assert_invariants();
         Ok(index)
     }
 
-    fn decode(d: &mut Decoder<'_>) -> Result<HnswIndex, String> {
+    fn decode(d: &mut Decoder<'_>, version: u32) -> Result<HnswIndex, String> {
         let dimension = d.u32()? as usize;
         if !(1..=DIMENSION_LIMIT).contains(&dimension) {
             return Err(format!("dimension {dimension}"));
@@ -1494,16 +1735,34 @@ impl HnswIndex {
             return Err("a level above the max level".into());
         }
         let components = slots.checked_mul(dimension).ok_or("row count overflows")?;
-        index.storage = match d.u8()? {
+        let link_bits = link_bits_for(slots);
+        match d.u8()? {
             0 => {
                 if matches!(quantization, Quantization::Int8 { .. }) && slots >= TRAIN_ROWS {
                     return Err("int8 index holding floats after training".into());
                 }
-                let vectors = d.f32s(components)?;
-                if !vectors.iter().all(|x| x.is_finite()) {
-                    return Err("non-finite vector component".into());
+                let vectors = d.sized(components, 4)?;
+                let mut arena = Arena::new(
+                    link_bits,
+                    2 * params.m,
+                    payload_words_for(dimension, metric, false),
+                );
+                arena.reserve_words(slots * arena.block_words);
+                for (row, vector) in vectors.chunks_exact(dimension * 4).enumerate() {
+                    arena.push_row();
+                    for (word, bytes) in arena
+                        .payload_mut(row as u32)
+                        .iter_mut()
+                        .zip(vector.chunks_exact(4))
+                    {
+                        let x = f32::from_le_bytes(bytes.try_into().expect("4"));
+                        if !x.is_finite() {
+                            return Err("non-finite vector component".into());
+                        }
+                        *word = x.to_bits();
+                    }
                 }
-                Storage::Float(vectors)
+                index.arena = arena;
             }
             1 => {
                 if quantization == Quantization::None {
@@ -1516,22 +1775,51 @@ impl HnswIndex {
                 {
                     return Err("bad quantizer parameters".into());
                 }
-                let codes = d.bytes(components)?.to_vec();
-                let norms_count = if metric == Metric::L2 { slots } else { 0 };
-                let norms = d.f32s(norms_count)?;
+                let codes = d.bytes(components)?;
+                let norms = if metric == Metric::L2 {
+                    d.f32s(slots)?
+                } else {
+                    Vec::new()
+                };
                 if !norms.iter().all(|x| x.is_finite()) {
                     return Err("non-finite norm".into());
                 }
-                Storage::Int8 {
-                    quantizer: Sq8 { min, scale },
-                    codes,
-                    norms,
+                let mut arena = Arena::new(
+                    link_bits,
+                    2 * params.m,
+                    payload_words_for(dimension, metric, true),
+                );
+                arena.reserve_words(slots * arena.block_words);
+                let code_words = dimension.div_ceil(4);
+                for (row, code) in codes.chunks_exact(dimension).enumerate() {
+                    arena.push_row();
+                    let payload = arena.payload_mut(row as u32);
+                    pack_bytes(code, &mut payload[..code_words]);
+                    if let Some(norm) = norms.get(row) {
+                        payload[code_words] = norm.to_bits();
+                    }
                 }
+                index.arena = arena;
+                index.quantizer = Some(Sq8 { min, scale });
             }
             other => return Err(format!("storage tag {other}")),
-        };
-        let stride0 = index.stride0();
-        index.links0 = d.u32s(slots.checked_mul(stride0).ok_or("links overflow")?)?;
+        }
+        let capacity0 = 2 * params.m;
+        let mut list = Vec::with_capacity(capacity0);
+        for row in 0..slots as u32 {
+            let count = d.u32()? as usize;
+            if count > capacity0 {
+                return Err(format!("row {row} level 0: {count} links"));
+            }
+            // Format 1 padded every level-0 list to `2m` rows.
+            let stored = if version == 1 { capacity0 } else { count };
+            list.clear();
+            list.extend(d.u32s(stored)?.into_iter().take(count));
+            if let Some(&bad) = list.iter().find(|&&n| n as usize >= slots) {
+                return Err(format!("row {row} level 0: bad link {bad}"));
+            }
+            index.arena.set_links(row, &list);
+        }
         let stride_upper = index.stride_upper();
         index.upper_offsets = Vec::with_capacity(slots);
         for row in 0..slots {
@@ -1550,18 +1838,11 @@ impl HnswIndex {
         }
         for row in 0..slots {
             let level = index.levels[row] as usize;
-            for l in 0..=level {
-                let (list, capacity) = if l == 0 {
-                    (
-                        &index.links0[row * stride0..(row + 1) * stride0],
-                        2 * params.m,
-                    )
-                } else {
-                    let base = index.upper_offsets[row] as usize + (l - 1) * stride_upper;
-                    (&index.upper_links[base..base + stride_upper], params.m)
-                };
+            for l in 1..=level {
+                let base = index.upper_offsets[row] as usize + (l - 1) * stride_upper;
+                let list = &index.upper_links[base..base + stride_upper];
                 let count = list[0] as usize;
-                if count > capacity {
+                if count > params.m {
                     return Err(format!("row {row} level {l}: {count} links"));
                 }
                 for &n in &list[1..1 + count] {
@@ -1605,8 +1886,31 @@ impl HnswIndex {
     }
 }
 
-/// Little-endian writer that counts and checksums what passes through; with no sink it only
-/// counts (the sizing pass of [`HnswIndex::write_to`]).
+/// Writes `vector` as an arena payload: its `f32` bits, or (with a quantizer) its codes
+/// followed, for L2, by the decoded row's squared norm.
+fn encode_payload(metric: Metric, quantizer: Option<&Sq8>, vector: &[f32], payload: &mut [u32]) {
+    match quantizer {
+        None => {
+            debug_assert_eq!(payload.len(), vector.len());
+            for (word, x) in payload.iter_mut().zip(vector) {
+                *word = x.to_bits();
+            }
+        }
+        Some(quantizer) => {
+            let d = vector.len();
+            let mut codes = vec![0u8; d];
+            quantizer.encode(vector, &mut codes);
+            let code_words = d.div_ceil(4);
+            pack_bytes(&codes, &mut payload[..code_words]);
+            if metric == Metric::L2 {
+                let mut decoded = vec![0.0; d];
+                quantizer.decode(&codes, &mut decoded);
+                payload[code_words] = kernels::dot(&decoded, &decoded).to_bits();
+            }
+        }
+    }
+}
+
 struct Encoder<'a> {
     sink: Option<&'a mut dyn Write>,
     buffer: Vec<u8>,
@@ -1823,6 +2127,39 @@ mod tests {
         index.assert_invariants();
         let found = index.search(&[0.0, 1.0, 0.0, 0.5], 1, None, None, None, None);
         assert_eq!(found[0].0, 1000);
+    }
+
+    #[test]
+    fn format_1_files_are_still_read_and_links_widen_with_rows() {
+        let q = Quantization::Int8 {
+            rescore: false,
+            oversampling: 2.0,
+        };
+        for (metric, quantization) in [(Metric::L2, Quantization::None), (Metric::L2, q)] {
+            // 1,500 rows: past int8 training and past 10 bits per link.
+            let index = tiny(metric, quantization, 1_500);
+            assert_eq!(index.link_bits(), 11);
+            index.assert_invariants();
+            let (mut v1, mut v2) = (Vec::new(), Vec::new());
+            index.write_version(&mut v1, 1).expect("write v1");
+            index.write_to(&mut v2).expect("write v2");
+            assert!(
+                v2.len() < v1.len(),
+                "format 2 stores lists at their exact size"
+            );
+            let from_v1 = HnswIndex::read_from(&mut &v1[..]).expect("read v1");
+            let from_v2 = HnswIndex::read_from(&mut &v2[..]).expect("read v2");
+            let probe = [0.0, 1.0, 0.0, 0.5];
+            let want = index.search(&probe, 10, None, None, None, None);
+            assert_eq!(from_v1.search(&probe, 10, None, None, None, None), want);
+            assert_eq!(from_v2.search(&probe, 10, None, None, None, None), want);
+            let mut again = Vec::new();
+            from_v1.write_to(&mut again).expect("rewrite");
+            assert_eq!(
+                again, v2,
+                "v1 → v2 gives the same bytes as writing v2 directly"
+            );
+        }
     }
 
     #[test]

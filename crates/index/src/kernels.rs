@@ -5,7 +5,9 @@
 //! - `portable`: plain Rust over 16 independent accumulators, written so that LLVM vectorises
 //!   it for whatever baseline the target has (SSE2 on x86-64, NEON on aarch64);
 //! - `avx2` (x86-64 only): explicit AVX2+FMA intrinsics, four 8-lane accumulators (32
-//!   independent partial sums) so FMA latency never stalls the loop.
+//!   independent partial sums) so FMA latency never stalls the loop;
+//! - `avx512` (x86-64 only): AVX-512F intrinsics, four 16-lane accumulators and a masked load
+//!   for the tail (no scalar remainder loop: 100 or 128 components are a few full vectors).
 //!
 //! The choice is made once per process with `is_x86_feature_detected!` and cached in an
 //! atomic, so the per-call cost of dispatch is one relaxed load and a predictable branch.
@@ -25,6 +27,9 @@ pub enum Backend {
     Portable,
     /// x86-64 AVX2 + FMA intrinsics. Only ever returned by [`backend`] when the CPU has both.
     Avx2Fma,
+    /// x86-64 AVX-512F intrinsics. Only ever returned by [`backend`] when the CPU has
+    /// AVX-512F, AVX2 and FMA (callers without an AVX-512 path use their AVX2 one).
+    Avx512,
 }
 
 impl Backend {
@@ -33,14 +38,19 @@ impl Backend {
         match self {
             Backend::Portable => "portable",
             Backend::Avx2Fma => "avx2+fma",
+            Backend::Avx512 => "avx512f",
         }
     }
 
     /// Every backend this CPU can run, the portable one first. Tests use it to check each.
     pub fn available() -> Vec<Backend> {
         let mut backends = vec![Backend::Portable];
-        if detect() == Backend::Avx2Fma {
+        let best = detect();
+        if best != Backend::Portable {
             backends.push(Backend::Avx2Fma);
+        }
+        if best == Backend::Avx512 {
+            backends.push(Backend::Avx512);
         }
         backends
     }
@@ -55,11 +65,13 @@ pub fn backend() -> Backend {
     match BACKEND_CACHE.load(Ordering::Relaxed) {
         1 => Backend::Portable,
         2 => Backend::Avx2Fma,
+        3 => Backend::Avx512,
         _ => {
             let detected = detect();
             let code = match detected {
                 Backend::Portable => 1,
                 Backend::Avx2Fma => 2,
+                Backend::Avx512 => 3,
             };
             // Racing detections all store the same value, so a plain store suffices.
             BACKEND_CACHE.store(code, Ordering::Relaxed);
@@ -72,6 +84,9 @@ fn detect() -> Backend {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx512f") {
+                return Backend::Avx512;
+            }
             return Backend::Avx2Fma;
         }
     }
@@ -106,6 +121,9 @@ pub(crate) fn dot_with(backend: Backend, a: &[f32], b: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx2Fma` is only produced by `detect`, after the CPU reported AVX2 and FMA.
         Backend::Avx2Fma => unsafe { avx2::dot(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only produced by `detect`, after the CPU reported AVX-512F.
+        Backend::Avx512 => unsafe { avx512::dot(a, b) },
         _ => portable::dot(a, b),
     }
 }
@@ -118,6 +136,9 @@ pub(crate) fn l2_squared_with(backend: Backend, a: &[f32], b: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `dot_with`.
         Backend::Avx2Fma => unsafe { avx2::l2_squared(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Backend::Avx512 => unsafe { avx512::l2_squared(a, b) },
         _ => portable::l2_squared(a, b),
     }
 }
@@ -297,6 +318,119 @@ pub(crate) mod avx2 {
             i += 1;
         }
         sum
+    }
+}
+
+/// AVX-512F kernels. `unsafe` for the same reason as [`avx2`]: they must only run on a CPU
+/// with AVX-512F; lengths are asserted before any raw-pointer load, and the tail is read with
+/// a masked load that touches no byte past the slices.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Lanes `0..remaining` set (remaining < 16).
+    #[inline]
+    pub(crate) fn tail_mask(remaining: usize) -> __mmask16 {
+        debug_assert!(remaining < 16);
+        ((1u32 << remaining) - 1) as __mmask16
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let mut acc2 = _mm512_setzero_ps();
+        let mut acc3 = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 64 <= n {
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(pa.add(i + 16)),
+                _mm512_loadu_ps(pb.add(i + 16)),
+                acc1,
+            );
+            acc2 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(pa.add(i + 32)),
+                _mm512_loadu_ps(pb.add(i + 32)),
+                acc2,
+            );
+            acc3 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(pa.add(i + 48)),
+                _mm512_loadu_ps(pb.add(i + 48)),
+                acc3,
+            );
+            i += 64;
+        }
+        while i + 16 <= n {
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
+            i += 16;
+        }
+        if i < n {
+            let mask = tail_mask(n - i);
+            acc1 = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(mask, pa.add(i)),
+                _mm512_maskz_loadu_ps(mask, pb.add(i)),
+                acc1,
+            );
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(
+            _mm512_add_ps(acc0, acc1),
+            _mm512_add_ps(acc2, acc3),
+        ))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn l2_squared(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let mut acc2 = _mm512_setzero_ps();
+        let mut acc3 = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 64 <= n {
+            let d0 = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)));
+            let d1 = _mm512_sub_ps(
+                _mm512_loadu_ps(pa.add(i + 16)),
+                _mm512_loadu_ps(pb.add(i + 16)),
+            );
+            let d2 = _mm512_sub_ps(
+                _mm512_loadu_ps(pa.add(i + 32)),
+                _mm512_loadu_ps(pb.add(i + 32)),
+            );
+            let d3 = _mm512_sub_ps(
+                _mm512_loadu_ps(pa.add(i + 48)),
+                _mm512_loadu_ps(pb.add(i + 48)),
+            );
+            acc0 = _mm512_fmadd_ps(d0, d0, acc0);
+            acc1 = _mm512_fmadd_ps(d1, d1, acc1);
+            acc2 = _mm512_fmadd_ps(d2, d2, acc2);
+            acc3 = _mm512_fmadd_ps(d3, d3, acc3);
+            i += 64;
+        }
+        while i + 16 <= n {
+            let d = _mm512_sub_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)));
+            acc0 = _mm512_fmadd_ps(d, d, acc0);
+            i += 16;
+        }
+        if i < n {
+            let mask = tail_mask(n - i);
+            let d = _mm512_sub_ps(
+                _mm512_maskz_loadu_ps(mask, pa.add(i)),
+                _mm512_maskz_loadu_ps(mask, pb.add(i)),
+            );
+            acc1 = _mm512_fmadd_ps(d, d, acc1);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(
+            _mm512_add_ps(acc0, acc1),
+            _mm512_add_ps(acc2, acc3),
+        ))
     }
 }
 

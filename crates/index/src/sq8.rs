@@ -131,10 +131,19 @@ impl Sq8 {
 #[inline]
 pub fn dot_code(prepared: &[f32], code: &[u8]) -> f32 {
     assert_eq!(prepared.len(), code.len(), "dot_code: length mismatch");
-    match kernels::backend() {
+    dot_code_with(kernels::backend(), prepared, code)
+}
+
+/// [`dot_code`] on a chosen backend (one the CPU has: see [`Backend::available`]).
+#[inline]
+pub(crate) fn dot_code_with(backend: Backend, prepared: &[f32], code: &[u8]) -> f32 {
+    match backend {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Avx2Fma` is only reported after the CPU said it has AVX2 and FMA.
         Backend::Avx2Fma => unsafe { avx2::dot_code(prepared, code) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Avx512` is only reported after the CPU said it has AVX-512F.
+        Backend::Avx512 => unsafe { avx512::dot_code(prepared, code) },
         _ => portable_dot_code(prepared, code),
     }
 }
@@ -210,6 +219,52 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must have AVX-512F. Lengths are asserted before any load; the tail is read
+    /// with masked loads that touch no byte past either slice.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn dot_code(prepared: &[f32], code: &[u8]) -> f32 {
+        assert_eq!(prepared.len(), code.len());
+        let n = code.len();
+        let (pp, pc) = (prepared.as_ptr(), code.as_ptr());
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        let mut i = 0;
+        macro_rules! widen {
+            ($offset:expr) => {
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    pc.add($offset) as *const __m128i
+                )))
+            };
+        }
+        while i + 32 <= n {
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pp.add(i)), widen!(i), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(pp.add(i + 16)), widen!(i + 16), acc1);
+            i += 32;
+        }
+        while i + 16 <= n {
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pp.add(i)), widen!(i), acc0);
+            i += 16;
+        }
+        if i < n {
+            let mask = crate::kernels::avx512::tail_mask(n - i);
+            // Masked byte loads need AVX-512BW; widen a zero-padded copy of the tail instead.
+            let mut tail = [0u8; 16];
+            tail[..n - i].copy_from_slice(&code[i..]);
+            let codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                tail.as_ptr() as *const __m128i
+            )));
+            acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, pp.add(i)), codes, acc1);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +316,13 @@ mod tests {
                     (portable as f64 - want).abs() < 1e-3,
                     "{portable} vs {want}"
                 );
+                for backend in Backend::available() {
+                    let got = constant + dot_code_with(backend, &prepared, &code);
+                    assert!(
+                        (got as f64 - want).abs() < 1e-3,
+                        "{backend:?}: {got} vs {want}"
+                    );
+                }
                 assert!(
                     (dispatched as f64 - want).abs() < 1e-3,
                     "{dispatched} vs {want}"
