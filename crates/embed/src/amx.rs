@@ -102,7 +102,12 @@ pub struct PackedB {
 impl PackedB {
     /// Packs `w` (`n` × `k`). `n` must be a multiple of [`COL_BLOCK`], `k` of [`TILE_K`].
     pub fn pack(w: &[f32], n: usize, k: usize) -> Option<PackedB> {
-        if n == 0 || k == 0 || n % COL_BLOCK != 0 || k % TILE_K != 0 || w.len() != n * k {
+        if n == 0
+            || k == 0
+            || !n.is_multiple_of(COL_BLOCK)
+            || !k.is_multiple_of(TILE_K)
+            || w.len() != n * k
+        {
             return None;
         }
         let kb_count = k / TILE_K;
@@ -143,10 +148,8 @@ impl TileConfig {
             colsb: [0; 16],
             rows: [0; 16],
         };
-        for t in 0..8 {
-            c.colsb[t] = 64;
-            c.rows[t] = TILE_ROWS as u8;
-        }
+        c.colsb[..8].fill(64);
+        c.rows[..8].fill(TILE_ROWS as u8);
         c
     }
 }
@@ -170,7 +173,9 @@ pub unsafe fn gemm_blocks(
     mut epilogue: impl FnMut(usize, usize, &Block),
 ) {
     let (n, k) = (b.n, b.k);
-    assert!(rows % ROW_BLOCK == 0 && n % COL_BLOCK == 0 && k % TILE_K == 0);
+    assert!(
+        rows.is_multiple_of(ROW_BLOCK) && n.is_multiple_of(COL_BLOCK) && k.is_multiple_of(TILE_K)
+    );
     assert!(a.len() >= rows * k && b.tiles.len() == n * k);
     if rows == 0 {
         return;

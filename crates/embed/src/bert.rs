@@ -16,6 +16,9 @@
 //! and positions are clamped), never allocate without a bound (a batch's buffers grow with its
 //! token count, which the caller bounds), and never download or write anything.
 
+// Lane loops (`for l in 0..16 { acc[l] += … }`) are how these kernels ask LLVM for vector code.
+#![allow(clippy::needless_range_loop)]
+
 use std::collections::HashMap;
 
 use crate::amx;
@@ -158,9 +161,9 @@ impl Bert {
         }
         if h == 0
             || c.num_attention_heads == 0
-            || h % c.num_attention_heads != 0
-            || h % amx::COL_BLOCK != 0
-            || ff % amx::COL_BLOCK != 0
+            || !h.is_multiple_of(c.num_attention_heads)
+            || !h.is_multiple_of(amx::COL_BLOCK)
+            || !ff.is_multiple_of(amx::COL_BLOCK)
             || c.max_position_embeddings == 0
             || c.vocab_size == 0
             || c.type_vocab_size == 0

@@ -1,5 +1,7 @@
 //! The chunking helper: budgets, overlap, order, determinism.
 
+mod common;
+
 use quiver_embed::chunk::{chunk, chunk_with, ChunkConfig};
 
 fn words(s: &str) -> Vec<&str> {
@@ -111,10 +113,8 @@ fn a_single_overlong_word_is_kept_whole() {
 mod with_the_model {
     //! Token budgets that count the model's word pieces (needs the installed MiniLM; skipped
     //! otherwise, like the other model tests).
-    #[path = "../common/mod.rs"]
-    mod common;
-
     use super::cfg;
+    use super::common;
     use quiver_embed::chunk::chunk;
     use quiver_embed::minilm::MiniLm;
     use quiver_embed::models::{self, MINILM};
@@ -124,7 +124,7 @@ mod with_the_model {
     fn piece_heavy_text() -> String {
         let sentence = "Pneumonoultramicroscopic silicovolcanoconiosis afflicts 1234567 \
                         quarrymen near Llanfairpwllgwyngyll.";
-        vec![sentence; 12].join(" ")
+        [sentence; 12].join(" ")
     }
 
     #[test]
@@ -132,25 +132,35 @@ mod with_the_model {
         let Some(dir) = common::installed(MINILM) else {
             return;
         };
-        let m = MiniLm::load(&models::model_path(models::spec(MINILM).unwrap(), &dir), true)
-            .unwrap();
+        let m = MiniLm::load(
+            &models::model_path(models::spec(MINILM).unwrap(), &dir),
+            true,
+        )
+        .unwrap();
         let text = piece_heavy_text();
         let budget = cfg(40, 8);
         // The word budget lets chunks overflow 40 word pieces …
         let by_words = chunk(&text, &budget);
-        assert!(by_words.iter().any(|c| m.count_tokens(c) > 40), "{by_words:?}");
+        assert!(
+            by_words.iter().any(|c| m.count_tokens(c) > 40),
+            "{by_words:?}"
+        );
         // … the tokenizer's budget never does, and loses no text.
         let by_pieces = m.chunk(&text, &budget);
         assert!(by_pieces.len() > by_words.len());
         for c in &by_pieces {
-            assert!(m.count_tokens(c) <= 40, "{} pieces: {c:?}", m.count_tokens(c));
+            assert!(
+                m.count_tokens(c) <= 40,
+                "{} pieces: {c:?}",
+                m.count_tokens(c)
+            );
         }
         let joined = by_pieces.join(" ");
         for w in text.split_whitespace() {
             assert!(joined.contains(w), "{w} lost");
         }
         // Budgets above the model's window are lowered to it (256 less [CLS]/[SEP]).
-        let long = vec![text.as_str(); 10].join("\n\n");
+        let long = [text.as_str(); 10].join("\n\n");
         for c in m.chunk(&long, &cfg(5000, 0)) {
             assert!(m.count_tokens(&c) <= 254);
         }
@@ -174,8 +184,14 @@ mod with_the_model {
             return;
         };
         let r = Registry::new(RegistryConfig::new(&dir)).unwrap();
-        let m = MiniLm::load(&models::model_path(models::spec(MINILM).unwrap(), &dir), true)
-            .unwrap();
-        assert_eq!(r.chunk(Some(MINILM), &text, &budget), m.chunk(&text, &budget));
+        let m = MiniLm::load(
+            &models::model_path(models::spec(MINILM).unwrap(), &dir),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            r.chunk(Some(MINILM), &text, &budget),
+            m.chunk(&text, &budget)
+        );
     }
 }
