@@ -64,6 +64,7 @@ fn run() -> Result<(), String> {
                 match spec.kind {
                     models::ModelKind::Bert => {
                         let m = MiniLm::load(&path, true).map_err(|e| e.to_string())?;
+                        eprintln!("MiniLM forward: {}", m.backend());
                         Box::new(move |t| m.embed(t))
                     }
                     models::ModelKind::Static => {

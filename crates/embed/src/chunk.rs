@@ -7,8 +7,13 @@
 //! overlap is made of the previous chunk's last whole sentences (or, when even one is longer
 //! than the overlap, its last words).
 //!
-//! Tokens are counted by a function the caller passes ([`chunk_with`]) — e.g. a loaded model's
-//! tokenizer — or approximated as whitespace-separated words ([`chunk`]).
+//! Tokens are counted by a function the caller passes ([`chunk_with`]) or approximated as
+//! whitespace-separated words ([`chunk`]). Words undercount a BERT model's word pieces (a
+//! rare or long word, a number or a URL is several pieces), so a word budget can overflow the
+//! model's window and the model silently truncates the chunk: callers that know the library's
+//! model use its tokenizer — [`crate::minilm::MiniLm::chunk`], or
+//! [`crate::registry::Registry::chunk`], which falls back to words when there is no local
+//! tokenizer.
 //!
 //! It must never return an empty chunk, never reorder text, and always give the same chunks
 //! for the same input and settings; it does no I/O. A single word longer than the budget is

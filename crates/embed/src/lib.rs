@@ -9,7 +9,9 @@
 //!
 //! Providers:
 //! - [`NoEmbedder`] refuses with a clear reason (a server with embeddings switched off);
-//! - [`minilm::MiniLm`] — `local:all-minilm-l6-v2`, 384-d, BERT in pure Rust (candle);
+//! - [`minilm::MiniLm`] — `local:all-minilm-l6-v2`, 384-d, BERT in pure Rust: a packed
+//!   forward with AMX bf16 matrix multiplies ([`bert`], [`amx`]) where the CPU has AMX,
+//!   candle elsewhere;
 //! - [`potion::Potion`] — `local:potion-base-8m`, 256-d, a static Model2Vec model;
 //! - [`remote::Cohere`] and [`remote::OpenAi`] — HTTP providers, keys from the environment;
 //! - [`registry::Registry`] — the [`Embedder`] a server uses: routes by model name, loads local
@@ -21,6 +23,31 @@
 
 use std::fmt;
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
+/// Elsewhere there is no AMX: the packed forward runs only with its f32 multiply.
+#[cfg(not(target_arch = "x86_64"))]
+pub mod amx {
+    pub const ROW_BLOCK: usize = 32;
+    pub const COL_BLOCK: usize = 32;
+    pub fn available() -> bool {
+        false
+    }
+    #[derive(Clone)]
+    pub struct PackedB;
+    impl PackedB {
+        pub fn pack(_: &[f32], _: usize, _: usize) -> Option<PackedB> {
+            None
+        }
+    }
+    /// # Safety
+    /// Never called: [`available`] is false.
+    pub unsafe fn to_bf16(_: &[f32], _: &mut [u16]) {}
+    /// # Safety
+    /// Never called: [`available`] is false.
+    pub unsafe fn gemm(_: &[u16], _: usize, _: &PackedB, _: &mut [f32]) {}
+}
+pub mod bert;
 pub mod chunk;
 pub mod minilm;
 pub mod models;

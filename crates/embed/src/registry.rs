@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use lru::LruCache;
 
+use crate::chunk::ChunkConfig;
 use crate::minilm::MiniLm;
 use crate::models::{self, ModelError, ModelKind};
 use crate::potion::Potion;
@@ -194,6 +195,20 @@ impl Registry {
     }
 
     /// Number of query embeddings cached.
+    /// `text` cut into chunks under `cfg`'s token budget, counting tokens with `model`'s own
+    /// tokenizer when it is a local BERT model that loads here (`local:all-minilm-l6-v2`), and
+    /// as whitespace-separated words otherwise (no model, a remote or static model, or a model
+    /// that cannot be loaded — chunking never fails).
+    pub fn chunk(&self, model: Option<&str>, text: &str, cfg: &ChunkConfig) -> Vec<String> {
+        let bert = model
+            .filter(|m| matches!(route(m), Ok(Route::Local(s)) if s.kind == ModelKind::Bert))
+            .and_then(|m| self.inner.provider(m).ok());
+        match bert.as_deref() {
+            Some(Provider::MiniLm(m)) => m.chunk(text, cfg),
+            _ => crate::chunk::chunk(text, cfg),
+        }
+    }
+
     pub fn cached_queries(&self) -> usize {
         self.inner
             .cache

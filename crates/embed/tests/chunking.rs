@@ -1,5 +1,7 @@
 //! The chunking helper: budgets, overlap, order, determinism.
 
+mod common;
+
 use quiver_embed::chunk::{chunk, chunk_with, ChunkConfig};
 
 fn words(s: &str) -> Vec<&str> {
@@ -106,4 +108,90 @@ fn a_single_overlong_word_is_kept_whole() {
     let w = "x".repeat(5000);
     let out = chunk_with(&w, &cfg(10, 2), &|s: &str| s.len() / 4);
     assert_eq!(out, vec![w]);
+}
+
+mod with_the_model {
+    //! Token budgets that count the model's word pieces (needs the installed MiniLM; skipped
+    //! otherwise, like the other model tests).
+    use super::cfg;
+    use super::common;
+    use quiver_embed::chunk::chunk;
+    use quiver_embed::minilm::MiniLm;
+    use quiver_embed::models::{self, MINILM};
+    use quiver_embed::{Registry, RegistryConfig};
+
+    /// Words that are several word pieces each: a word budget undercounts them badly.
+    fn piece_heavy_text() -> String {
+        let sentence = "Pneumonoultramicroscopic silicovolcanoconiosis afflicts 1234567 \
+                        quarrymen near Llanfairpwllgwyngyll.";
+        [sentence; 12].join(" ")
+    }
+
+    #[test]
+    fn minilm_chunks_fit_the_budget_in_word_pieces() {
+        let Some(dir) = common::installed(MINILM) else {
+            return;
+        };
+        let m = MiniLm::load(
+            &models::model_path(models::spec(MINILM).unwrap(), &dir),
+            true,
+        )
+        .unwrap();
+        let text = piece_heavy_text();
+        let budget = cfg(40, 8);
+        // The word budget lets chunks overflow 40 word pieces …
+        let by_words = chunk(&text, &budget);
+        assert!(
+            by_words.iter().any(|c| m.count_tokens(c) > 40),
+            "{by_words:?}"
+        );
+        // … the tokenizer's budget never does, and loses no text.
+        let by_pieces = m.chunk(&text, &budget);
+        assert!(by_pieces.len() > by_words.len());
+        for c in &by_pieces {
+            assert!(
+                m.count_tokens(c) <= 40,
+                "{} pieces: {c:?}",
+                m.count_tokens(c)
+            );
+        }
+        let joined = by_pieces.join(" ");
+        for w in text.split_whitespace() {
+            assert!(joined.contains(w), "{w} lost");
+        }
+        // Budgets above the model's window are lowered to it (256 less [CLS]/[SEP]).
+        let long = [text.as_str(); 10].join("\n\n");
+        for c in m.chunk(&long, &cfg(5000, 0)) {
+            assert!(m.count_tokens(&c) <= 254);
+        }
+    }
+
+    #[test]
+    fn the_registry_uses_the_tokenizer_when_it_has_one_and_words_otherwise() {
+        let text = piece_heavy_text();
+        let budget = cfg(40, 8);
+        // No model, a remote model: words (and nothing is loaded or fetched).
+        let empty = tempfile::tempdir().unwrap();
+        let r = Registry::new(RegistryConfig::new(empty.path())).unwrap();
+        assert_eq!(r.chunk(None, &text, &budget), chunk(&text, &budget));
+        assert_eq!(
+            r.chunk(Some("cohere:embed-english-v3.0"), &text, &budget),
+            chunk(&text, &budget)
+        );
+        // MiniLM not installed (and no auto-install): words, no error.
+        assert_eq!(r.chunk(Some(MINILM), &text, &budget), chunk(&text, &budget));
+        let Some(dir) = common::installed(MINILM) else {
+            return;
+        };
+        let r = Registry::new(RegistryConfig::new(&dir)).unwrap();
+        let m = MiniLm::load(
+            &models::model_path(models::spec(MINILM).unwrap(), &dir),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            r.chunk(Some(MINILM), &text, &budget),
+            m.chunk(&text, &budget)
+        );
+    }
 }
