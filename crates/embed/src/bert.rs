@@ -105,8 +105,13 @@ struct AttnScratch {
     scores: Vec<f32>,
 }
 
+/// Tensors by name: shape and f32 values.
+type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+/// Takes one named tensor of the expected shape out of [`Tensors`].
+type TakeTensor<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, String> + 'a;
+
 /// The f32 tensors of a safetensors file, by name, with their shapes.
-fn read_safetensors(bytes: &[u8]) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, String> {
+fn read_safetensors(bytes: &[u8]) -> Result<Tensors, String> {
     #[derive(serde::Deserialize)]
     struct Entry {
         dtype: String,
@@ -186,9 +191,7 @@ impl Bert {
             }
             Ok(v)
         };
-        let norm = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, String>,
-                    p: &str|
-         -> Result<Norm, String> {
+        let norm = |take: &mut TakeTensor<'_>, p: &str| -> Result<Norm, String> {
             Ok(Norm {
                 gamma: take(&format!("{p}.weight"), &[h])?,
                 beta: take(&format!("{p}.bias"), &[h])?,
