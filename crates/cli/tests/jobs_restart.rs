@@ -203,7 +203,9 @@ const MINILM: &str = "local:all-minilm-l6-v2";
 fn models() -> Option<std::path::PathBuf> {
     let dir = match std::env::var_os("QUIVER_MODEL_DIR") {
         Some(d) if !d.is_empty() => std::path::PathBuf::from(d),
-        _ => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/quiver-models"),
+        _ => {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/quiver-models")
+        }
     };
     for m in [POTION, MINILM] {
         if !matches!(quiver_embed::models::is_installed(m, &dir), Ok(true)) {
@@ -294,7 +296,9 @@ async fn sigkill_mid_reembedding_then_restart_completes_it() {
     .await;
     assert_eq!(j["status"], "completed", "{j}");
     assert_eq!(j["result"]["resumed"], true, "{j}");
-    let redone = j["result"]["documents_embedded"].as_u64().unwrap_or(u64::MAX);
+    let redone = j["result"]["documents_embedded"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
     assert!(
         redone < DOCS as u64 - 5,
         "only what was not staged before the kill is embedded again: {j}"

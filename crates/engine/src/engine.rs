@@ -1384,7 +1384,10 @@ impl Engine {
                     let v = validate::vector(v, dimension, lib.metric).map_err(|e| {
                         EngineError::invalid(
                             "embedding_failed",
-                            format!("model {model:?} gave chunk {:?} a bad vector: {}", c.id, e.detail),
+                            format!(
+                                "model {model:?} gave chunk {:?} a bad vector: {}",
+                                c.id, e.detail
+                            ),
                         )
                     })?;
                     vs.push(v);
@@ -1398,7 +1401,10 @@ impl Engine {
             if let Some(c) = d.chunks.iter().find(|c| c.text.trim().is_empty()) {
                 return Err(EngineError::invalid(
                     "chunks_without_text",
-                    format!("chunk {:?} of document {:?} has no text, so it cannot be embedded again", c.id, d.id),
+                    format!(
+                        "chunk {:?} of document {:?} has no text, so it cannot be embedded again",
+                        c.id, d.id
+                    ),
                 ));
             }
             if texts.len() + d.chunks.len() > quiver_embed::MAX_TEXTS_PER_CALL {
@@ -1450,7 +1456,11 @@ impl Engine {
     /// record carrying the library's new model and dimension; HNSW graphs are rebuilt in the
     /// background (searches run exact meanwhile). Returns `None` (nothing written) while some
     /// document is still unstaged (written meanwhile): stage it and call again.
-    pub fn reembed_switch(&self, ctx: &WriteCtx, library: &str) -> Result<Committed<Option<LibraryInfo>>> {
+    pub fn reembed_switch(
+        &self,
+        ctx: &WriteCtx,
+        library: &str,
+    ) -> Result<Committed<Option<LibraryInfo>>> {
         let lib_id = self.shard(library)?.state.read().library.id.clone();
         self.commit(
             ctx,

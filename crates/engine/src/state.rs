@@ -158,11 +158,7 @@ impl LibraryState {
     /// library's documents are staged for it.
     pub fn staging(&self) -> Option<(&str, u32, usize)> {
         self.staging.as_ref().map(|s| {
-            let staged = self
-                .docs
-                .values()
-                .filter(|e| s.covers(&e.doc))
-                .count();
+            let staged = self.docs.values().filter(|e| s.covers(&e.doc)).count();
             (s.model.as_str(), s.dimension, staged)
         })
     }
@@ -186,10 +182,15 @@ impl LibraryState {
     fn switch_embeddings(&mut self, lib: Library) -> Result<(), ApplyError> {
         let ok = match &self.staging {
             None => Err("no re-embedding is staged".to_string()),
-            Some(s) if Some(&s.model) != lib.embedding_model.as_ref() || s.dimension != lib.dimension => Err(format!(
-                "the staged re-embedding is for {} ({}-d), not {:?} ({}-d)",
-                s.model, s.dimension, lib.embedding_model, lib.dimension
-            )),
+            Some(s)
+                if Some(&s.model) != lib.embedding_model.as_ref()
+                    || s.dimension != lib.dimension =>
+            {
+                Err(format!(
+                    "the staged re-embedding is for {} ({}-d), not {:?} ({}-d)",
+                    s.model, s.dimension, lib.embedding_model, lib.dimension
+                ))
+            }
             Some(s) => match self.docs.values().find(|e| !s.covers(&e.doc)) {
                 Some(e) => Err(format!("document {:?} is not staged", e.doc.id)),
                 None => Ok(()),

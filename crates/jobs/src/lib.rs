@@ -462,7 +462,9 @@ impl Jobs {
         };
         match self.engine.reembed_discard(&ctx, library_id) {
             Ok(_) | Err(EngineError::NotFound { .. }) => {}
-            Err(e) => tracing::warn!(library = %library_id, "staged re-embedding not discarded: {e}"),
+            Err(e) => {
+                tracing::warn!(library = %library_id, "staged re-embedding not discarded: {e}")
+            }
         }
     }
 

@@ -388,7 +388,8 @@ fn import(ctl: &mut Ctl, p: &Map<String, Value>) -> Result<Value> {
         // Checked again at every run: the file (or a directory on its way) may have been
         // replaced by a symlink since the job was queued.
         Some(path) => {
-            let c = std::fs::canonicalize(path).map_err(JobError::io(std::path::Path::new(path)))?;
+            let c =
+                std::fs::canonicalize(path).map_err(JobError::io(std::path::Path::new(path)))?;
             if !ctl.jobs.import_dirs().iter().any(|r| c.starts_with(r)) {
                 return Err(JobError::Forbidden {
                     code: "path_not_allowed",
@@ -776,7 +777,8 @@ fn regenerate_staged(ctl: &mut Ctl, model: Option<&str>) -> Result<Value> {
     let started = Instant::now();
     let engine = ctl.engine().clone();
     let (info, _) = engine.library(&ctl.library)?;
-    let (from_model, from_dimension) = (info.library.embedding_model.clone(), info.library.dimension);
+    let (from_model, from_dimension) =
+        (info.library.embedding_model.clone(), info.library.dimension);
     let resumed = engine.reembed_begin(&ctl.ctx, &ctl.library, model)?.value;
     let (mut chunks, mut staged_docs) = (0u64, 0u64);
     for _ in 0..SWITCH_ROUNDS_LIMIT {
@@ -812,7 +814,12 @@ fn regenerate_staged(ctl: &mut Ctl, model: Option<&str>) -> Result<Value> {
                 .map(|(d, _)| d.chunks.len() as u64)
                 .sum::<u64>();
             done += n;
-            ctl.checkpoint(done, total, &format!("{done} of {total} documents embedded"), 0)?;
+            ctl.checkpoint(
+                done,
+                total,
+                &format!("{done} of {total} documents embedded"),
+                0,
+            )?;
         }
     }
     Err(JobError::Engine(EngineError::Unavailable {

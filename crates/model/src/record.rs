@@ -71,7 +71,9 @@ pub enum Change {
     /// takes the new model and dimension (the library's new description).
     Reembedded(Library),
     /// The staging was abandoned (cancelled or failed); the live vectors never changed.
-    ReembedDiscarded { library_id: String },
+    ReembedDiscarded {
+        library_id: String,
+    },
     /// An application-defined event: no effect on state, only on the stream.
     AppEvent {
         event_type: String,

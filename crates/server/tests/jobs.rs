@@ -940,7 +940,9 @@ const TOPICS: [&str; 8] = [
 fn installed_models() -> Option<std::path::PathBuf> {
     let dir = match std::env::var_os("QUIVER_MODEL_DIR") {
         Some(d) if !d.is_empty() => std::path::PathBuf::from(d),
-        _ => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/quiver-models"),
+        _ => {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/quiver-models")
+        }
     };
     for m in [POTION, MINILM] {
         if !matches!(quiver_embed::models::is_installed(m, &dir), Ok(true)) {
@@ -1102,7 +1104,11 @@ async fn regenerate_embeddings_with_another_model_and_dimension() {
         json!({"library_id": lib, "embedding_model": "local:no-such-model"}),
     )
     .await;
-    assert_eq!((s, v["error"].as_str()), (422, Some("unknown_model")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("unknown_model")),
+        "{v}"
+    );
     let bare = library(&c, &base, "bare", "flat").await;
     let r = c
         .post(format!("{base}/v1/libraries/{bare}/documents"))
@@ -1151,9 +1157,20 @@ async fn regenerate_embeddings_with_another_model_and_dimension() {
     assert!(r.status().is_success(), "{}", r.status());
     assert_eq!(wait(&c, &base, &id).await["status"], "cancelled");
     let l = library_json(&c, &base, &lib).await;
-    assert_eq!((l["dimension"].as_u64(), l["embedding_model"].as_str()), (Some(256), Some(POTION)), "{l}");
-    assert_eq!(text_search(&c, &base, &lib, query).await, before, "a cancel changes nothing");
-    assert!(engine.reembeddings_staged().is_empty(), "the staging was discarded");
+    assert_eq!(
+        (l["dimension"].as_u64(), l["embedding_model"].as_str()),
+        (Some(256), Some(POTION)),
+        "{l}"
+    );
+    assert_eq!(
+        text_search(&c, &base, &lib, query).await,
+        before,
+        "a cancel changes nothing"
+    );
+    assert!(
+        engine.reembeddings_staged().is_empty(),
+        "the staging was discarded"
+    );
 
     // The real run: searches keep answering (from the 256-d vectors) while it runs; a second
     // re-embedding of the same library is refused; a document written meanwhile is redone.
@@ -1201,21 +1218,31 @@ async fn regenerate_embeddings_with_another_model_and_dimension() {
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    assert!(searched_while_running > 0 && late_written, "the job ran too fast to observe");
+    assert!(
+        searched_while_running > 0 && late_written,
+        "the job ran too fast to observe"
+    );
     let j = wait(&c, &base, &id).await;
     assert_eq!(j["status"], "completed", "{j}");
     assert_eq!(j["result"]["dimension"], 384, "{j}");
     assert_eq!(j["result"]["from"]["dimension"], 256, "{j}");
     assert_eq!(j["result"]["documents"], n as u64 + 1, "{j}");
     let l = library_json(&c, &base, &lib).await;
-    assert_eq!((l["dimension"].as_u64(), l["embedding_model"].as_str()), (Some(384), Some(MINILM)), "{l}");
+    assert_eq!(
+        (l["dimension"].as_u64(), l["embedding_model"].as_str()),
+        (Some(384), Some(MINILM)),
+        "{l}"
+    );
     let mut ids: Vec<String> = (0..n).map(|i| format!("t{i:03}")).collect();
     ids.push("late".into());
     let lens = vector_lengths(&c, &base, &lib, &ids).await;
     assert_eq!(lens.len(), n + 1);
     assert!(lens.iter().all(|&d| d == 384), "{lens:?}");
     let after = text_search(&c, &base, &lib, query).await;
-    assert!(after[0].0.contains("kitten") || after[0].0.contains("cat"), "{after:?}");
+    assert!(
+        after[0].0.contains("kitten") || after[0].0.contains("cat"),
+        "{after:?}"
+    );
     // Queries are embedded with the new model, and new text is too.
     let r = c
         .post(format!("{base}/v1/libraries/{lib}/documents"))
@@ -1224,14 +1251,20 @@ async fn regenerate_embeddings_with_another_model_and_dimension() {
         .await
         .expect("add");
     assert_eq!(r.status(), 201);
-    assert_eq!(vector_lengths(&c, &base, &lib, &["new".into()]).await, vec![384]);
+    assert_eq!(
+        vector_lengths(&c, &base, &lib, &["new".into()]).await,
+        vec![384]
+    );
     let evs = library_events(&engine, &lib);
     let count = |t: &str| evs.iter().filter(|e| *e == t).count();
     assert_eq!(count("library.reembedding_started"), 2, "{evs:?}");
     assert_eq!(count("library.reembedding_discarded"), 1, "{evs:?}");
     assert_eq!(count("library.reembedded"), 1, "{evs:?}");
     assert!(count("library.reembedding_staged") > n, "{evs:?}");
-    assert!(engine.snapshot().is_ok(), "snapshots resume after the switch");
+    assert!(
+        engine.snapshot().is_ok(),
+        "snapshots resume after the switch"
+    );
     assert!(engine.reembeddings_staged().is_empty());
 
     // A library of client vectors (4-d, no model) gets a model and 384-d vectors.
@@ -1246,9 +1279,16 @@ async fn regenerate_embeddings_with_another_model_and_dimension() {
     .await;
     assert_eq!(j["status"], "completed", "{j}");
     let l = library_json(&c, &base, &vecs).await;
-    assert_eq!((l["dimension"].as_u64(), l["embedding_model"].as_str()), (Some(384), Some(MINILM)), "{l}");
+    assert_eq!(
+        (l["dimension"].as_u64(), l["embedding_model"].as_str()),
+        (Some(384), Some(MINILM)),
+        "{l}"
+    );
     let ids: Vec<String> = (0..20).map(|i| format!("d{i:05}")).collect();
-    assert!(vector_lengths(&c, &base, &vecs, &ids).await.iter().all(|&d| d == 384));
+    assert!(vector_lengths(&c, &base, &vecs, &ids)
+        .await
+        .iter()
+        .all(|&d| d == 384));
     let hits = text_search(&c, &base, &vecs, "text 7").await;
     assert!(!hits.is_empty());
 }
@@ -1293,7 +1333,11 @@ async fn import_paths_are_confined_to_the_import_directories() {
         (escape, 403, "path_not_allowed"),
         ("../outside.ndjson".to_string(), 403, "path_not_allowed"),
         ("link.ndjson".to_string(), 403, "path_not_allowed"),
-        ("dirlink/outside.ndjson".to_string(), 403, "path_not_allowed"),
+        (
+            "dirlink/outside.ndjson".to_string(),
+            403,
+            "path_not_allowed",
+        ),
         ("/etc/passwd".to_string(), 403, "path_not_allowed"),
         (
             default_import.join("d.ndjson").display().to_string(),
@@ -1310,7 +1354,11 @@ async fn import_paths_are_confined_to_the_import_directories() {
             json!({"library_id": lib, "path": path}),
         )
         .await;
-        assert_eq!((s, v["error"].as_str()), (status, Some(code)), "{path}: {v}");
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (status, Some(code)),
+            "{path}: {v}"
+        );
         assert!(!v["detail"].as_str().unwrap_or("").is_empty(), "{v}");
     }
     assert_eq!(count(&c, &base, &lib).await, 0, "refusals change nothing");

@@ -802,7 +802,10 @@ async fn retention_keeps_what_durable_readers_have_not_consumed() {
     let first = s.engine.log().first_seq();
     s.publish(300, "held").await;
     snapshot_twice(&s).await;
-    assert!(s.engine.log().segment_count() > 5, "the test needs several segments");
+    assert!(
+        s.engine.log().segment_count() > 5,
+        "the test needs several segments"
+    );
     assert_eq!(
         s.engine.log().first_seq(),
         first,
@@ -824,17 +827,28 @@ async fn retention_keeps_what_durable_readers_have_not_consumed() {
             break;
         }
         acked += seqs.len();
-        let (st, _) = s.post("/v1/consumers/slow/ack", json!({"seqs": seqs})).await;
+        let (st, _) = s
+            .post("/v1/consumers/slow/ack", json!({"seqs": seqs}))
+            .await;
         assert_eq!(st, 200);
     }
     assert!(acked >= 300, "{acked}");
     snapshot_twice(&s).await;
-    assert_eq!(s.engine.log().first_seq(), first, "the webhook still needs them");
+    assert_eq!(
+        s.engine.log().first_seq(),
+        first,
+        "the webhook still needs them"
+    );
 
     // The webhook delivers every event, then nothing holds the segments any more.
-    let (st, _) = s.post(&format!("/v1/webhooks/{id}/resume"), json!({})).await;
+    let (st, _) = s
+        .post(&format!("/v1/webhooks/{id}/resume"), json!({}))
+        .await;
     assert_eq!(st, 200);
-    wait_for("every event delivered", 30, || delivered_seqs(&rx).len() >= 302).await;
+    wait_for("every event delivered", 30, || {
+        delivered_seqs(&rx).len() >= 302
+    })
+    .await;
     let tags: Vec<String> = rx
         .delivered()
         .iter()
@@ -866,7 +880,8 @@ async fn retention_keeps_what_durable_readers_have_not_consumed() {
     snapshot_twice(&s).await;
     let first_seq = s.engine.log().first_seq();
     assert!(first_seq > 100, "past the limit the log goes: {first_seq}");
-    s.post(&format!("/v1/webhooks/{id}/resume"), json!({})).await;
+    s.post(&format!("/v1/webhooks/{id}/resume"), json!({}))
+        .await;
     let path = format!("/v1/webhooks/{id}/deliveries");
     let mut d = Value::Null;
     for _ in 0..500 {
