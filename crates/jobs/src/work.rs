@@ -223,8 +223,9 @@ pub fn import_path(import_roots: &[PathBuf], path: &str) -> Result<PathBuf> {
     };
     let canonical = match std::fs::canonicalize(&joined) {
         Ok(c) => c,
-        // Whether a file exists outside the import directories is not the caller's business.
-        Err(_) if !import_roots.iter().any(|r| joined.starts_with(r)) => {
+        // Whether a file exists outside the import directories is not the caller's business
+        // (`..` is resolved lexically here, as the file does not exist to canonicalise).
+        Err(_) if !import_roots.iter().any(|r| lexical(&joined).starts_with(r)) => {
             return Err(JobError::Forbidden {
                 code: "path_not_allowed",
                 detail: format!("{path:?} is outside the import directories ({})", allowed()),
@@ -257,6 +258,22 @@ pub fn import_path(import_roots: &[PathBuf], path: &str) -> Result<PathBuf> {
             format!("cannot read {path:?}: {e}"),
         )),
     }
+}
+
+/// `p` with `.` and `..` components resolved without touching the disk.
+fn lexical(p: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn index_change(p: &Map<String, Value>) -> Result<IndexChange> {
