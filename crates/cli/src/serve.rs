@@ -27,6 +27,12 @@ pub struct ServeArgs {
     /// a duration (`7d`, `12h`), a size (`10GiB`), both (`7d,10GiB`), `forever` or `none`.
     #[arg(long, env = "QUIVER_RETAIN_EVENTS", default_value = "7d")]
     retain_events: Retention,
+    /// The most extra log that durable readers — consumer groups and webhook endpoints — may
+    /// keep while they have not read it (same syntax as --retain-events). Within it, log
+    /// retention never deletes an event such a reader still needs; past it the oldest segments
+    /// go and the reader reports the seqs it lost (`expired` in its status or history).
+    #[arg(long, env = "QUIVER_READER_RETENTION", default_value = "30d,64GiB")]
+    reader_retention: Retention,
     /// Write a snapshot after this many records…
     #[arg(long, env = "QUIVER_SNAPSHOT_EVERY", default_value_t = 50_000)]
     snapshot_every: u64,
@@ -64,6 +70,11 @@ pub struct ServeArgs {
     /// Largest NDJSON body a `batch_import` job accepts, in bytes.
     #[arg(long, env = "QUIVER_JOB_UPLOAD_BYTES", default_value_t = 1 << 30)]
     job_upload_bytes: u64,
+    /// A directory `batch_import` jobs may read `{"path": …}` files from (repeat the flag for
+    /// more). Paths are canonicalised, so `..` and symlinks cannot leave it. Default: the data
+    /// directory's `import/` folder.
+    #[arg(long = "import-dir", env = "QUIVER_IMPORT_DIRS", value_delimiter = ',')]
+    import_dirs: Vec<PathBuf>,
 }
 
 /// Logging goes to stderr (`QUIVER_LOG=debug` for more). Only the server logs: client
@@ -82,6 +93,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     let mut config = EngineConfig::new(&args.data_dir);
     config.fsync = args.fsync;
     config.retention = args.retain_events;
+    config.reader_retention = args.reader_retention;
     config.snapshot_every_records = args.snapshot_every.max(1);
     config.snapshot_min_log_bytes = args.snapshot_min_bytes;
     config.segment_size_bytes_limit = args.segment_bytes;
@@ -107,6 +119,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             queue_limit: args.job_queue_limit,
             retention: args.job_retention,
             upload_bytes_limit: args.job_upload_bytes,
+            import_dirs: args.import_dirs.clone(),
         },
     )
     .context("cannot start the job workers")?;

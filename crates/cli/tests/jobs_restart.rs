@@ -2,7 +2,9 @@
 //! import job (with another job queued behind it); after a restart on the same data
 //! directory, the job table is rebuilt from the log, the import resumes from its last
 //! checkpoint and completes with every line imported exactly once (lines without an `id` get
-//! a deterministic one), and the queued job runs too.
+//! a deterministic one), and the queued job runs too. A re-embedding killed mid-way resumes
+//! from the vectors it had staged (they are in the log) and switches the library to the new
+//! model and dimension.
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -23,6 +25,10 @@ impl Drop for Server {
 }
 
 fn launch(data_dir: &Path) -> Server {
+    launch_with(data_dir, &[])
+}
+
+fn launch_with(data_dir: &Path, extra: &[&std::ffi::OsStr]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_quiver"))
         .args([
             "serve",
@@ -33,6 +39,7 @@ fn launch(data_dir: &Path) -> Server {
             "--data-dir",
         ])
         .arg(data_dir)
+        .args(extra)
         .env("QUIVER_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -185,5 +192,132 @@ async fn sigkill_mid_import_then_restart_completes_it() {
     // The job queued behind it ran after the restart.
     let e = wait_for(&c, &base, &export, |j| j["status"] == "completed").await;
     assert_eq!(e["result"]["documents"], LINES as u64, "{e}");
+    drop(server);
+}
+
+const POTION: &str = "local:potion-base-8m";
+const MINILM: &str = "local:all-minilm-l6-v2";
+
+/// The model cache holding both local models, or `None` (skipped, unless
+/// `QUIVER_REQUIRE_MODELS=1`).
+fn models() -> Option<std::path::PathBuf> {
+    let dir = match std::env::var_os("QUIVER_MODEL_DIR") {
+        Some(d) if !d.is_empty() => std::path::PathBuf::from(d),
+        _ => {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/quiver-models")
+        }
+    };
+    for m in [POTION, MINILM] {
+        if !matches!(quiver_embed::models::is_installed(m, &dir), Ok(true)) {
+            let why = format!("{m} is not installed in {}", dir.display());
+            if std::env::var("QUIVER_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
+                panic!("{why}");
+            }
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+    }
+    Some(dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_reembedding_then_restart_completes_it() {
+    const DOCS: usize = 60;
+    let Some(models) = models() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = [
+        std::ffi::OsStr::new("--model-dir"),
+        models.as_os_str(),
+        std::ffi::OsStr::new("--no-model-install"),
+    ];
+    let c = reqwest::Client::new();
+    let server = launch_with(dir.path(), &args);
+    let base = server.base.clone();
+    let r = c
+        .post(format!("{base}/v1/libraries"))
+        .json(&json!({"name": "re", "embedding_model": POTION}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status(), 201);
+    let lib = r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let body: String = (0..DOCS)
+        .map(|i| {
+            json!({"id": format!("n{i:03}"), "title": format!("note {i}"),
+                   "chunks": [{"text": format!("Note number {i} is about topic {}.", i % 7)}]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let r = c
+        .post(format!("{base}/v1/libraries/{lib}/documents/stream"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 200);
+    r.text().await.expect("reply");
+    let r = c
+        .post(format!("{base}/v1/jobs/regenerate_embeddings"))
+        .json(&json!({"library_id": lib, "embedding_model": MINILM, "batch_size": 2, "pause_ms": 100}))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.expect("json")["job_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let j = wait_for(&c, &base, &id, |j| {
+        j["progress"]["current"].as_u64().unwrap_or(0) >= 12
+    })
+    .await;
+    assert_eq!(j["status"], "running");
+    let mut server = server;
+    // SAFETY: plain FFI call with a valid pid.
+    unsafe {
+        libc::kill(server.child.id() as i32, libc::SIGKILL);
+    }
+    let _ = server.child.wait();
+    drop(server);
+
+    let server = launch_with(dir.path(), &args);
+    let base = server.base.clone();
+    // Until the switch the library serves its old vectors.
+    let l = get(&c, format!("{base}/v1/libraries/{lib}")).await;
+    assert!(l["dimension"] == 256 || l["dimension"] == 384, "{l}");
+    let j = wait_for(&c, &base, &id, |j| {
+        ["completed", "failed", "cancelled"].contains(&j["status"].as_str().unwrap_or(""))
+    })
+    .await;
+    assert_eq!(j["status"], "completed", "{j}");
+    assert_eq!(j["result"]["resumed"], true, "{j}");
+    let redone = j["result"]["documents_embedded"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(
+        redone < DOCS as u64 - 5,
+        "only what was not staged before the kill is embedded again: {j}"
+    );
+    let l = get(&c, format!("{base}/v1/libraries/{lib}")).await;
+    assert_eq!(l["dimension"], 384, "{l}");
+    assert_eq!(l["embedding_model"], MINILM, "{l}");
+    assert_eq!(l["num_documents"], DOCS as u64, "{l}");
+    for i in 0..DOCS {
+        let d = get(
+            &c,
+            format!("{base}/v1/libraries/{lib}/documents/n{i:03}?include_embeddings=true"),
+        )
+        .await;
+        assert_eq!(
+            d["chunks"][0]["embedding"].as_array().map(Vec::len),
+            Some(384),
+            "n{i:03}"
+        );
+    }
     drop(server);
 }

@@ -543,6 +543,20 @@ impl Consumer {
         })
     }
 
+    /// The oldest seq this consumer still needs from the log: the next to scan, a pending
+    /// (unacked) one, or a parked one (which may be retried). Log retention keeps it.
+    pub fn oldest_needed(&self) -> Seq {
+        let st = lock(&self.state);
+        let mut oldest = st.scan_pos + 1;
+        if let Some(s) = st.pending.keys().next() {
+            oldest = oldest.min(*s);
+        }
+        if let Some(s) = st.parked.keys().next() {
+            oldest = oldest.min(*s);
+        }
+        oldest
+    }
+
     pub fn info(&self, last_seq: Seq, now_ms: u64) -> ConsumerInfo {
         let st = lock(&self.state);
         let ack_floor = st

@@ -10,6 +10,7 @@
 use crate::error::ConsumerError;
 use crate::group::{validate_name, Consumer, ConsumerConfig};
 use crate::limits::CONSUMERS_LIMIT;
+use quiver_log::Seq;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -106,6 +107,14 @@ impl Registry {
     }
 
     /// Every consumer, by name.
+    /// The oldest seq any consumer still needs (see [`Consumer::oldest_needed`]).
+    pub fn oldest_needed(&self) -> Option<Seq> {
+        lock(&self.consumers)
+            .values()
+            .map(|c| c.oldest_needed())
+            .min()
+    }
+
     pub fn list(&self) -> Vec<Arc<Consumer>> {
         lock(&self.consumers).values().cloned().collect()
     }

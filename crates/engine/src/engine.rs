@@ -47,6 +47,10 @@ pub struct EngineConfig {
     /// amplification; replaying this much log at start-up takes about a second.
     pub snapshot_min_log_bytes: u64,
     pub segment_size_bytes_limit: u64,
+    /// The most log that durable readers (consumer groups, webhook endpoints — see
+    /// [`Engine::set_retention_hold`]) may keep beyond `retention` while they have not read
+    /// it. Past it the segments go anyway and those readers report the events they lost.
+    pub reader_retention: Retention,
     /// Append a `search.performed` event for every search (telemetry, so off by default).
     pub emit_search_events: bool,
 }
@@ -63,6 +67,10 @@ impl EngineConfig {
             snapshot_every_records: 50_000,
             snapshot_min_log_bytes: 256 * 1024 * 1024,
             segment_size_bytes_limit: 64 * 1024 * 1024,
+            reader_retention: Retention {
+                max_age: Some(Duration::from_secs(30 * 24 * 3600)),
+                max_bytes: Some(64 * 1024 * 1024 * 1024),
+            },
             emit_search_events: false,
         }
     }
@@ -130,8 +138,13 @@ pub struct EngineStats {
     pub libraries: usize,
 }
 
+/// Reports the oldest `seq` a durable reader still needs (`None`: nothing held).
+pub type RetentionHold = Box<dyn Fn() -> Option<Seq> + Send + Sync>;
+
 pub struct Engine {
     config: EngineConfig,
+    /// Durable readers' holds on the log, by name (see [`Engine::set_retention_hold`]).
+    holds: Mutex<std::collections::BTreeMap<String, RetentionHold>>,
     log: Arc<FileLog>,
     write_lock: Mutex<WriterState>,
     catalog: RwLock<Catalog>,
@@ -250,6 +263,7 @@ impl Engine {
 
         let engine = Arc::new(Engine {
             config,
+            holds: Mutex::new(Default::default()),
             log: Arc::new(log),
             write_lock: Mutex::new(WriterState { last_timestamp_ms }),
             catalog,
@@ -273,6 +287,23 @@ impl Engine {
             })?;
         *engine.snapshot_thread.lock() = Some(handle);
         Ok(engine)
+    }
+
+    /// Registers (or replaces) a durable reader's hold on the log: log retention keeps every
+    /// segment holding a record at or after the seq `hold` reports, within
+    /// [`EngineConfig::reader_retention`]. The closure runs at snapshot time, outside the
+    /// engine's locks; it must not call back into the engine's retention.
+    pub fn set_retention_hold(&self, name: &str, hold: RetentionHold) {
+        self.holds.lock().insert(name.to_string(), hold);
+    }
+
+    /// The oldest seq any durable reader still needs, and who holds it.
+    pub fn retention_hold(&self) -> Option<(Seq, String)> {
+        let holds = self.holds.lock();
+        holds
+            .iter()
+            .filter_map(|(name, f)| f().map(|s| (s, name.clone())))
+            .min()
     }
 
     pub fn log(&self) -> &Arc<FileLog> {
@@ -1205,6 +1236,300 @@ impl Engine {
         Ok(true)
     }
 
+    // ---------------------------------------------------------------- re-embedding
+
+    /// Checks that `library` can be re-embedded with `model` (`None`: its own model) and
+    /// returns the target `(model, dimension)`. Refused (422, nothing changes): no model named
+    /// and none on the library (`embedding_model_required`), a model this server cannot embed
+    /// with (`unknown_model`), or chunks without text, which could not get a new vector
+    /// (`chunks_without_text`).
+    pub fn reembed_target(&self, library: &str, model: Option<&str>) -> Result<(String, u32)> {
+        let shard = self.shard(library)?;
+        let st = shard.state.read();
+        let model = match model.or(st.library.embedding_model.as_deref()) {
+            Some(m) => m.to_string(),
+            None => {
+                return Err(EngineError::invalid(
+                    "embedding_model_required",
+                    "this library has no embedding model (its vectors came from the client); name the model to embed its chunks with in `embedding_model`",
+                ))
+            }
+        };
+        validate::name(&model).map_err(|e| EngineError::invalid("unknown_model", e.detail))?;
+        let dimension = self.embedder.dimension(&model).ok_or_else(|| {
+            EngineError::invalid(
+                "unknown_model",
+                format!("embedding model {model:?} is not known to this server (its dimension is unknown); use e.g. local:all-minilm-l6-v2 or local:potion-base-8m"),
+            )
+        })?;
+        let dimension = validate::dimension(u64::from(dimension))?;
+        let without_text: usize = st
+            .all_documents()
+            .iter()
+            .map(|d| d.chunks.iter().filter(|c| c.text.trim().is_empty()).count())
+            .sum();
+        if without_text > 0 {
+            return Err(EngineError::invalid(
+                "chunks_without_text",
+                format!("{without_text} chunks of this library have no text, so they cannot be embedded again; delete them or give them text first"),
+            ));
+        }
+        Ok((model, dimension))
+    }
+
+    /// Starts staging a re-embedding of `library` with `model` (a `library.reembedding_started`
+    /// record), or resumes the one already staged for the same model (no record). Returns
+    /// whether it resumed. Searches keep using the live vectors until [`Engine::reembed_switch`].
+    pub fn reembed_begin(
+        &self,
+        ctx: &WriteCtx,
+        library: &str,
+        model: Option<&str>,
+    ) -> Result<Committed<bool>> {
+        let (model, dimension) = self.reembed_target(library, model)?;
+        let lib_id = self.shard(library)?.state.read().library.id.clone();
+        self.commit(
+            ctx,
+            |cat, _| {
+                let shard = cat
+                    .shard(&lib_id)
+                    .ok_or_else(|| EngineError::not_found("library", library))?;
+                let st = shard.state.read();
+                if st
+                    .staging
+                    .as_ref()
+                    .is_some_and(|s| s.model == model && s.dimension == dimension)
+                {
+                    return Ok((Vec::new(), true));
+                }
+                Ok((
+                    vec![Change::ReembedStarted {
+                        library_id: lib_id.clone(),
+                        model: model.clone(),
+                        dimension,
+                    }],
+                    false,
+                ))
+            },
+            |_, resumed, _| resumed,
+        )
+    }
+
+    /// `(documents, ids of documents not staged yet)` of the running re-embedding.
+    pub fn reembed_pending(&self, library: &str) -> Result<(usize, Vec<String>)> {
+        let shard = self.shard(library)?;
+        let st = shard.state.read();
+        if st.staging.is_none() {
+            return Err(EngineError::Conflict {
+                code: "reembedding_not_started",
+                detail: format!("no re-embedding is staged for library {library:?}"),
+            });
+        }
+        Ok((st.num_documents(), st.unstaged_documents()))
+    }
+
+    /// Embeds the chunks of `documents` with the staged model (outside any lock) and stages
+    /// the vectors, one `library.reembedding_staged` record per document. A document that
+    /// changed meanwhile (or is gone) is skipped: it stays unstaged and is embedded again.
+    /// Returns how many documents were staged.
+    pub fn reembed_stage(
+        &self,
+        ctx: &WriteCtx,
+        library: &str,
+        documents: &[String],
+    ) -> Result<Committed<usize>> {
+        let shard = self.shard(library)?;
+        let (lib, model, dimension, docs) = {
+            let st = shard.state.read();
+            let s = st.staging.as_ref().ok_or_else(|| EngineError::Conflict {
+                code: "reembedding_not_started",
+                detail: format!("no re-embedding is staged for library {library:?}"),
+            })?;
+            let docs: Vec<Arc<Document>> = documents
+                .iter()
+                .filter_map(|id| st.document(id).cloned())
+                .collect();
+            (st.library.clone(), s.model.clone(), s.dimension, docs)
+        };
+        let mut staged: Vec<(Arc<Document>, Vec<Vec<f32>>)> = Vec::with_capacity(docs.len());
+        let mut batch: Vec<Arc<Document>> = Vec::new();
+        let mut texts: Vec<String> = Vec::new();
+        let flush = |batch: &mut Vec<Arc<Document>>,
+                     texts: &mut Vec<String>,
+                     staged: &mut Vec<(Arc<Document>, Vec<Vec<f32>>)>|
+         -> Result<()> {
+            if texts.is_empty() {
+                batch.clear();
+                return Ok(());
+            }
+            let vectors = self
+                .embedder
+                .embed(Some(&model), texts, quiver_embed::Purpose::Document)
+                .map_err(input::embed_error)?;
+            if vectors.len() != texts.len() {
+                return Err(EngineError::Unavailable {
+                    code: "embedding_failed",
+                    detail: format!(
+                        "the embedding provider returned {} vectors for {} texts",
+                        vectors.len(),
+                        texts.len()
+                    ),
+                });
+            }
+            let mut vectors = vectors.into_iter();
+            for d in batch.drain(..) {
+                let mut vs = Vec::with_capacity(d.chunks.len());
+                for c in &d.chunks {
+                    let v = vectors.next().unwrap_or_default();
+                    let v = validate::vector(v, dimension, lib.metric).map_err(|e| {
+                        EngineError::invalid(
+                            "embedding_failed",
+                            format!(
+                                "model {model:?} gave chunk {:?} a bad vector: {}",
+                                c.id, e.detail
+                            ),
+                        )
+                    })?;
+                    vs.push(v);
+                }
+                staged.push((d, vs));
+            }
+            texts.clear();
+            Ok(())
+        };
+        for d in docs {
+            if let Some(c) = d.chunks.iter().find(|c| c.text.trim().is_empty()) {
+                return Err(EngineError::invalid(
+                    "chunks_without_text",
+                    format!(
+                        "chunk {:?} of document {:?} has no text, so it cannot be embedded again",
+                        c.id, d.id
+                    ),
+                ));
+            }
+            if texts.len() + d.chunks.len() > quiver_embed::MAX_TEXTS_PER_CALL {
+                flush(&mut batch, &mut texts, &mut staged)?;
+            }
+            texts.extend(d.chunks.iter().map(|c| c.text.clone()));
+            batch.push(d);
+        }
+        flush(&mut batch, &mut texts, &mut staged)?;
+        let lib_id = lib.id.clone();
+        self.commit(
+            ctx,
+            |cat, _| {
+                let shard = cat
+                    .shard(&lib_id)
+                    .ok_or_else(|| EngineError::not_found("library", library))?;
+                let st = shard.state.read();
+                let same_target = st
+                    .staging
+                    .as_ref()
+                    .is_some_and(|s| s.model == model && s.dimension == dimension);
+                if !same_target {
+                    return Err(EngineError::Conflict {
+                        code: "reembedding_replaced",
+                        detail: "the re-embedding was discarded or replaced while it ran".into(),
+                    });
+                }
+                let mut changes = Vec::with_capacity(staged.len());
+                for (d, vectors) in staged {
+                    // Only the document exactly as it was embedded; a newer one is redone.
+                    if !st.document(&d.id).is_some_and(|now| Arc::ptr_eq(now, &d)) {
+                        continue;
+                    }
+                    changes.push(Change::ReembedStaged {
+                        library_id: lib_id.clone(),
+                        document_id: d.id.clone(),
+                        chunk_ids: d.chunks.iter().map(|c| c.id.clone()).collect(),
+                        vectors,
+                    });
+                }
+                let n = changes.len();
+                Ok((changes, n))
+            },
+            |_, n, _| n,
+        )
+    }
+
+    /// Swaps the staged vectors in, once every document is staged: one `library.reembedded`
+    /// record carrying the library's new model and dimension; HNSW graphs are rebuilt in the
+    /// background (searches run exact meanwhile). Returns `None` (nothing written) while some
+    /// document is still unstaged (written meanwhile): stage it and call again.
+    pub fn reembed_switch(
+        &self,
+        ctx: &WriteCtx,
+        library: &str,
+    ) -> Result<Committed<Option<LibraryInfo>>> {
+        let lib_id = self.shard(library)?.state.read().library.id.clone();
+        self.commit(
+            ctx,
+            |cat, now| {
+                let shard = cat
+                    .shard(&lib_id)
+                    .ok_or_else(|| EngineError::not_found("library", library))?;
+                let st = shard.state.read();
+                let Some(s) = st.staging.as_ref() else {
+                    return Err(EngineError::Conflict {
+                        code: "reembedding_not_started",
+                        detail: format!("no re-embedding is staged for library {library:?}"),
+                    });
+                };
+                if !st.unstaged_documents().is_empty() {
+                    return Ok((Vec::new(), false));
+                }
+                let mut lib = st.library.clone();
+                lib.embedding_model = Some(s.model.clone());
+                lib.dimension = s.dimension;
+                lib.updated_at_ms = now;
+                Ok((vec![Change::Reembedded(lib)], true))
+            },
+            |cat, switched, _| switched.then(|| info_of(cat, &lib_id)).transpose(),
+        )
+        .and_then(|c| {
+            Ok(Committed {
+                value: c.value?,
+                seq: c.seq,
+            })
+        })
+    }
+
+    /// Drops a staged re-embedding (`library.reembedding_discarded`); the live vectors never
+    /// changed. Returns whether there was one.
+    pub fn reembed_discard(&self, ctx: &WriteCtx, library: &str) -> Result<Committed<bool>> {
+        let lib_id = self.shard(library)?.state.read().library.id.clone();
+        self.commit(
+            ctx,
+            |cat, _| {
+                let staged = cat
+                    .shard(&lib_id)
+                    .is_some_and(|s| s.state.read().staging.is_some());
+                if !staged {
+                    return Ok((Vec::new(), false));
+                }
+                Ok((
+                    vec![Change::ReembedDiscarded {
+                        library_id: lib_id.clone(),
+                    }],
+                    true,
+                ))
+            },
+            |_, d, _| d,
+        )
+    }
+
+    /// Ids of libraries with a staged re-embedding.
+    pub fn reembeddings_staged(&self) -> Vec<String> {
+        self.catalog
+            .read()
+            .shards()
+            .filter_map(|s| {
+                let st = s.state.read();
+                st.staging.is_some().then(|| st.library.id.clone())
+            })
+            .collect()
+    }
+
     // ---------------------------------------------------------------- snapshots
 
     /// Writes a snapshot of the current state (if anything changed since the last one), then
@@ -1221,6 +1546,12 @@ impl Engine {
                 return Ok(None);
             }
             let cat = self.catalog.read();
+            // A staged re-embedding lives only in memory and the log: while one runs, no
+            // snapshot is written, so the log keeps (and replay rebuilds) the staged vectors.
+            if let Some(s) = cat.shards().find(|s| s.state.read().staging.is_some()) {
+                tracing::debug!(library = %s.state.read().library.id, "snapshot deferred: a re-embedding is staged");
+                return Ok(None);
+            }
             let mut libs: Vec<(Library, Vec<Arc<Document>>)> = Vec::with_capacity(cat.len());
             for s in cat.shards() {
                 let st = s.state.read();
@@ -1260,9 +1591,23 @@ impl Engine {
         let kept: Vec<Seq> = all.iter().take(2).map(|(s, _)| *s).collect();
         snapshot::prune_graphs(&dir, &kept);
         let oldest_kept = all.iter().take(2).map(|(s, _)| *s).min().unwrap_or(seq);
-        let deleted = self
-            .log
-            .truncate_before(oldest_kept + 1, &self.config.retention)?;
+        let hold = self.retention_hold();
+        let deleted = self.log.truncate_before_held(
+            oldest_kept + 1,
+            &self.config.retention,
+            hold.as_ref()
+                .map(|(seq, _)| (*seq, &self.config.reader_retention)),
+        )?;
+        if let Some((seq, who)) = &hold {
+            if self.log.first_seq() > *seq {
+                tracing::warn!(
+                    first_seq = self.log.first_seq(),
+                    needed = seq,
+                    reader = %who,
+                    "a durable reader fell behind the reader retention limit; it lost the events before first_seq"
+                );
+            }
+        }
         if deleted > 0 {
             tracing::info!(
                 deleted,

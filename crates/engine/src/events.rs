@@ -89,6 +89,30 @@ fn type_and_data(change: &Change) -> (String, Value) {
             chunk_id,
             ..
         } => json!({ "document_id": document_id, "chunk_id": chunk_id }),
+        Change::ReembedStarted {
+            library_id,
+            model,
+            dimension,
+        } => json!({
+            "library_id": library_id,
+            "embedding_model": model,
+            "embedding_dimension": dimension,
+        }),
+        Change::ReembedStaged {
+            document_id,
+            chunk_ids,
+            ..
+        } => json!({
+            "document_id": document_id,
+            "num_chunks": chunk_ids.len(),
+        }),
+        Change::Reembedded(l) => json!({
+            "library_id": l.id,
+            "name": l.name,
+            "embedding_model": l.embedding_model,
+            "embedding_dimension": l.dimension,
+        }),
+        Change::ReembedDiscarded { library_id } => json!({ "library_id": library_id }),
         Change::AppEvent { data, .. } => data.clone(),
     };
     (event_type, data)

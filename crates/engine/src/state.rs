@@ -83,6 +83,24 @@ pub(crate) struct DocEntry {
     pub rows: Vec<(u64, u32)>,
 }
 
+/// New vectors being staged for a library by a re-embedding (see [`Change::ReembedStarted`]):
+/// held beside the live index, never searched, swapped in by [`Change::Reembedded`].
+pub(crate) struct Staging {
+    pub model: String,
+    pub dimension: u32,
+    /// Document id → (chunk ids, vectors), both in chunk order.
+    pub docs: HashMap<String, (Vec<String>, Vec<Vec<f32>>)>,
+}
+
+impl Staging {
+    /// Whether `doc` is staged with exactly its current chunks.
+    pub(crate) fn covers(&self, doc: &Document) -> bool {
+        self.docs.get(&doc.id).is_some_and(|(ids, _)| {
+            ids.len() == doc.chunks.len() && ids.iter().zip(&doc.chunks).all(|(i, c)| *i == c.id)
+        })
+    }
+}
+
 /// One library's state.
 pub struct LibraryState {
     pub library: Library,
@@ -93,6 +111,8 @@ pub struct LibraryState {
     pub(crate) ann: AnnSlot,
     next_key: u64,
     pub num_chunks: usize,
+    /// A running re-embedding's staged vectors, if any.
+    pub(crate) staging: Option<Staging>,
 }
 
 pub struct Shard {
@@ -123,7 +143,80 @@ impl LibraryState {
             ann,
             next_key: 0,
             num_chunks: 0,
+            staging: None,
         }
+    }
+
+    /// A change to a document drops its staged vectors: they were made from its old chunks.
+    fn unstage(&mut self, id: &str) {
+        if let Some(s) = &mut self.staging {
+            s.docs.remove(id);
+        }
+    }
+
+    /// The target `(model, dimension)` of a running re-embedding, and how many of the
+    /// library's documents are staged for it.
+    pub fn staging(&self) -> Option<(&str, u32, usize)> {
+        self.staging.as_ref().map(|s| {
+            let staged = self.docs.values().filter(|e| s.covers(&e.doc)).count();
+            (s.model.as_str(), s.dimension, staged)
+        })
+    }
+
+    /// Ids of documents not (or no longer) staged for the running re-embedding, in id order.
+    pub fn unstaged_documents(&self) -> Vec<String> {
+        match &self.staging {
+            None => Vec::new(),
+            Some(s) => self
+                .docs
+                .values()
+                .filter(|e| !s.covers(&e.doc))
+                .map(|e| e.doc.id.clone())
+                .collect(),
+        }
+    }
+
+    /// Replaces every chunk's vector by its staged one and takes `lib` (new model and
+    /// dimension): a fresh exact index is filled; the caller gives HNSW libraries their graph.
+    /// Checks first, so a failure changes nothing.
+    fn switch_embeddings(&mut self, lib: Library) -> Result<(), ApplyError> {
+        let ok = match &self.staging {
+            None => Err("no re-embedding is staged".to_string()),
+            Some(s)
+                if Some(&s.model) != lib.embedding_model.as_ref()
+                    || s.dimension != lib.dimension =>
+            {
+                Err(format!(
+                    "the staged re-embedding is for {} ({}-d), not {:?} ({}-d)",
+                    s.model, s.dimension, lib.embedding_model, lib.dimension
+                ))
+            }
+            Some(s) => match self.docs.values().find(|e| !s.covers(&e.doc)) {
+                Some(e) => Err(format!("document {:?} is not staged", e.doc.id)),
+                None => Ok(()),
+            },
+        };
+        ok.map_err(|why| ApplyError(format!("library {}: {why}", lib.id)))?;
+        let Some(mut staging) = self.staging.take() else {
+            unreachable!("checked above")
+        };
+        let flat = Library {
+            index_type: quiver_model::IndexType::Flat,
+            ..lib.clone()
+        };
+        let mut fresh = LibraryState::new(flat, false);
+        for (id, entry) in std::mem::take(&mut self.docs) {
+            let mut doc = (*entry.doc).clone();
+            if let Some((_, vectors)) = staging.docs.remove(&id) {
+                for (c, v) in doc.chunks.iter_mut().zip(vectors) {
+                    c.embedding = v;
+                }
+            }
+            fresh.upsert(doc);
+        }
+        fresh.library = lib;
+        *self = fresh;
+        Ok(())
     }
 
     /// The stored (normalised, for cosine) vector of a chunk key.
@@ -245,6 +338,7 @@ impl LibraryState {
     }
 
     fn upsert(&mut self, doc: Document) {
+        self.unstage(&doc.id);
         if let Some(old) = self.docs.remove(&doc.id) {
             self.remove_rows(&old.rows);
         }
@@ -254,6 +348,7 @@ impl LibraryState {
     }
 
     fn delete(&mut self, id: &str) -> Result<(), ApplyError> {
+        self.unstage(id);
         let old = self
             .docs
             .remove(id)
@@ -277,6 +372,7 @@ impl LibraryState {
     }
 
     fn add_chunks(&mut self, id: &str, chunks: Vec<Chunk>, at_ms: u64) -> Result<(), ApplyError> {
+        self.unstage(id);
         let entry = self
             .docs
             .remove(id)
@@ -307,6 +403,7 @@ impl LibraryState {
                     "chunk {chunk_id:?} does not exist in document {id:?}"
                 ))
             })?;
+        self.unstage(id);
         let Some(entry) = self.docs.remove(id) else {
             unreachable!("checked above")
         };
@@ -474,6 +571,72 @@ pub fn apply(catalog: &RwLock<Catalog>, record: Record) -> Result<(), ApplyError
                 .state
                 .write()
                 .delete_chunk(&document_id, &chunk_id, at_ms)?;
+        }
+        Change::ReembedStarted {
+            library_id,
+            model,
+            dimension,
+        } => {
+            shard_of(&library_id)?.state.write().staging = Some(Staging {
+                model,
+                dimension,
+                docs: HashMap::new(),
+            });
+        }
+        Change::ReembedStaged {
+            library_id,
+            document_id,
+            chunk_ids,
+            vectors,
+        } => {
+            let shard = shard_of(&library_id)?;
+            let mut st = shard.state.write();
+            let st = &mut *st;
+            let staging = st.staging.as_mut().ok_or_else(|| {
+                ApplyError(format!("library {library_id}: no re-embedding is staged"))
+            })?;
+            if chunk_ids.len() != vectors.len()
+                || vectors
+                    .iter()
+                    .any(|v| v.len() != staging.dimension as usize)
+            {
+                return Err(ApplyError(format!(
+                    "staged vectors of document {document_id:?} do not match its chunks or the dimension {}",
+                    staging.dimension
+                )));
+            }
+            if !st.docs.contains_key(&document_id) {
+                return Err(ApplyError(format!(
+                    "document {document_id:?} does not exist"
+                )));
+            }
+            staging.docs.insert(document_id, (chunk_ids, vectors));
+        }
+        Change::Reembedded(lib) => {
+            let cat = catalog.read();
+            let shard = cat.library_shard(&lib.id)?;
+            let mut st = shard.state.write();
+            if st.library.metric != lib.metric || st.library.name != lib.name {
+                return Err(ApplyError(format!(
+                    "library {}: a re-embedding changed its name or metric",
+                    lib.id
+                )));
+            }
+            let config = lib.index_type.hnsw();
+            st.switch_embeddings(lib)?;
+            let st = &mut *st;
+            match config {
+                None => {}
+                Some(c) if cat.defer_graphs => st.ann = AnnSlot::Deferred(c),
+                Some(c) if st.num_chunks == 0 => {
+                    st.ann = AnnSlot::Ready(Box::new(Ann::new(&st.library, c)))
+                }
+                // Built in the background; searches run exact meanwhile.
+                Some(c) => ann::start_rebuild(&shard, &mut st.ann, c),
+            }
+        }
+        Change::ReembedDiscarded { library_id } => {
+            shard_of(&library_id)?.state.write().staging = None;
         }
         Change::AppEvent { .. } => {}
     }

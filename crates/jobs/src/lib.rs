@@ -62,6 +62,10 @@ pub struct JobsConfig {
     pub retention: Duration,
     /// Largest uploaded import body, in bytes.
     pub upload_bytes_limit: u64,
+    /// The only directories a `batch_import` job may read a `path` from (a path is
+    /// canonicalised first, so `..` and symlinks cannot leave them). Empty: the data
+    /// directory's `import/` folder (created at start).
+    pub import_dirs: Vec<PathBuf>,
 }
 
 impl Default for JobsConfig {
@@ -71,6 +75,7 @@ impl Default for JobsConfig {
             queue_limit: 10_000,
             retention: Duration::from_secs(24 * 3600),
             upload_bytes_limit: 1024 * 1024 * 1024,
+            import_dirs: Vec::new(),
         }
     }
 }
@@ -80,6 +85,10 @@ pub enum JobError {
     /// Bad parameters or input: the job (or request) cannot succeed as given.
     #[error("{detail}")]
     Invalid { code: &'static str, detail: String },
+    /// The request names something this server will not touch (a file outside the import
+    /// directories).
+    #[error("{detail}")]
+    Forbidden { code: &'static str, detail: String },
     #[error("job {0:?} was not found")]
     NotFound(String),
     #[error("the job queue is full ({limit} jobs waiting or running); retry later")]
@@ -129,7 +138,9 @@ impl JobError {
     /// A stable code for the job's `error` field.
     pub fn code(&self) -> String {
         match self {
-            JobError::Invalid { code, .. } => (*code).to_string(),
+            JobError::Invalid { code, .. } | JobError::Forbidden { code, .. } => {
+                (*code).to_string()
+            }
             JobError::NotFound(_) => "job_not_found".into(),
             JobError::QueueFull { .. } => "job_queue_full".into(),
             JobError::Finished { .. } => "job_finished".into(),
@@ -186,6 +197,8 @@ pub struct Jobs {
     engine: Arc<Engine>,
     config: JobsConfig,
     dir: PathBuf,
+    /// `config.import_dirs` (or the default), canonicalised.
+    import_roots: Vec<PathBuf>,
     inner: Mutex<Inner>,
     wake: Condvar,
     stop: AtomicBool,
@@ -207,12 +220,14 @@ impl Jobs {
         config.queue_limit = config.queue_limit.max(1);
         let dir = engine.config().data_dir.join("jobs");
         std::fs::create_dir_all(&dir).map_err(JobError::io(&dir))?;
+        let import_roots = import_roots(&engine, &config)?;
         let table = load_table(&engine, &dir)?;
         let open = table.queue.len();
         let jobs = Arc::new(Jobs {
             engine,
             config,
             dir,
+            import_roots,
             inner: Mutex::new(Inner {
                 table,
                 busy: 0,
@@ -234,6 +249,23 @@ impl Jobs {
                 .map_err(JobError::io(Path::new("job worker thread")))?;
             threads.push(h);
         }
+        // A staged re-embedding no unfinished job will finish (its job ended in a crash
+        // between its last event and the discard) would hold snapshots back: drop it.
+        let owned: Vec<String> = jobs
+            .inner
+            .lock()
+            .table
+            .jobs
+            .values()
+            .filter(|j| j.job_type == JobType::RegenerateEmbeddings && !j.status.is_finished())
+            .filter_map(|j| j.library_id.clone())
+            .collect();
+        for lib in jobs.engine.reembeddings_staged() {
+            if !owned.contains(&lib) {
+                tracing::warn!(library = %lib, "discarding a re-embedding no job owns");
+                jobs.discard_staging(&lib);
+            }
+        }
         let j = jobs.clone();
         let h = std::thread::Builder::new()
             .name("quiver-job-housekeeping".into())
@@ -246,6 +278,11 @@ impl Jobs {
 
     pub fn config(&self) -> &JobsConfig {
         &self.config
+    }
+
+    /// The directories `batch_import` may read a `path` from (canonical).
+    pub fn import_dirs(&self) -> &[PathBuf] {
+        &self.import_roots
     }
 
     /// A fresh job id (for callers that store an upload before submitting).
@@ -275,7 +312,7 @@ impl Jobs {
     /// Validates a job's parameters and queues it (`job.queued`). Returns the job as queued.
     pub fn submit(&self, req: Submit) -> Result<Job> {
         let (library_id, params, max_retries) =
-            work::validate(&self.engine, req.job_type, req.params)?;
+            work::validate(&self.engine, &self.import_roots, req.job_type, req.params)?;
         let size = serde_json::to_vec(&params).map(|v| v.len()).unwrap_or(0);
         if size > PARAMS_BYTES_LIMIT {
             return Err(JobError::invalid(
@@ -294,6 +331,22 @@ impl Jobs {
             return Err(JobError::QueueFull {
                 limit: self.config.queue_limit,
             });
+        }
+        // One re-embedding per library at a time: two would replace each other's staging.
+        if req.job_type == JobType::RegenerateEmbeddings {
+            if let Some(other) = inner.table.jobs.values().find(|j| {
+                j.job_type == JobType::RegenerateEmbeddings
+                    && !j.status.is_finished()
+                    && j.library_id == library_id
+            }) {
+                return Err(JobError::Engine(EngineError::Conflict {
+                    code: "job_conflict",
+                    detail: format!(
+                        "job {} is already re-embedding this library; cancel it or wait for it",
+                        other.id
+                    ),
+                }));
+            }
         }
         if inner.table.jobs.contains_key(&id) {
             return Err(JobError::invalid(
@@ -385,6 +438,12 @@ impl Jobs {
                 id,
                 json!({"job_id": id, "checkpoint": job.checkpoint}),
             )?;
+            // A re-embedding queued again after a restart may have staged vectors already.
+            if job.job_type == JobType::RegenerateEmbeddings {
+                if let Some(lib) = &job.library_id {
+                    self.discard_staging(lib);
+                }
+            }
         }
         inner
             .table
@@ -392,6 +451,21 @@ impl Jobs {
             .get(id)
             .cloned()
             .ok_or_else(|| JobError::NotFound(id.to_string()))
+    }
+
+    /// Drops a library's staged re-embedding (logged, not fatal: the library's live vectors
+    /// are unchanged either way).
+    fn discard_staging(&self, library_id: &str) {
+        let ctx = WriteCtx {
+            trace_id: None,
+            source: Some("jobs".into()),
+        };
+        match self.engine.reembed_discard(&ctx, library_id) {
+            Ok(_) | Err(EngineError::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(library = %library_id, "staged re-embedding not discarded: {e}")
+            }
+        }
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -644,6 +718,30 @@ impl Jobs {
         quiver_log::write_atomic(&path, |w| std::io::Write::write_all(w, &bytes))
             .map_err(|e| JobError::Engine(e.into()))
     }
+}
+
+/// The import directories, canonicalised; the default one is created. A configured one that
+/// does not exist stops the start (an operator typo must not silently allow nothing).
+fn import_roots(engine: &Engine, config: &JobsConfig) -> Result<Vec<PathBuf>> {
+    let dirs = if config.import_dirs.is_empty() {
+        let d = engine.config().data_dir.join("import");
+        std::fs::create_dir_all(&d).map_err(JobError::io(&d))?;
+        vec![d]
+    } else {
+        config.import_dirs.clone()
+    };
+    dirs.iter()
+        .map(|d| {
+            let c = std::fs::canonicalize(d).map_err(JobError::io(d))?;
+            if !c.is_dir() {
+                return Err(JobError::invalid(
+                    "invalid_import_dir",
+                    format!("import directory {} is not a directory", d.display()),
+                ));
+            }
+            Ok(c)
+        })
+        .collect()
 }
 
 /// Exponential backoff with jitter: `BACKOFF_BASE · 2^(attempt-1)`, capped, times [0.5, 1.5).

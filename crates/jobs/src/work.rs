@@ -10,7 +10,7 @@
 
 use crate::{Job, JobError, JobType, Jobs, Result, MAX_RETRIES_DEFAULT, MAX_RETRIES_LIMIT};
 use quiver_engine::filter::Filter;
-use quiver_engine::input::{B64Vector, ChunkInput, DocumentInput, IndexChange};
+use quiver_engine::input::{B64Vector, DocumentInput, IndexChange};
 use quiver_engine::{Engine, EngineError, ItemOutcome, WriteCtx};
 use serde_json::{json, Map, Value};
 use std::io::{BufRead, Write};
@@ -37,7 +37,8 @@ fn allowed(t: JobType) -> &'static [&'static str] {
         JobType::BatchImport => &["path", "input"],
         JobType::BatchExport => &["include_embeddings"],
         JobType::IndexRebuild => &["index_type", "index_params", "quantization"],
-        JobType::IndexOptimize | JobType::RegenerateEmbeddings => &[],
+        JobType::IndexOptimize => &[],
+        JobType::RegenerateEmbeddings => &["embedding_model"],
         JobType::BatchDelete => &["ids", "filter"],
     }
 }
@@ -59,6 +60,7 @@ fn bounded_u64(p: &Map<String, Value>, key: &str, max: u64, default: u64) -> Res
 /// `max_retries`.
 pub fn validate(
     engine: &Engine,
+    import_roots: &[PathBuf],
     t: JobType,
     params: Value,
 ) -> Result<(Option<String>, Value, u32)> {
@@ -118,28 +120,11 @@ pub fn validate(
     match t {
         JobType::BatchImport => match (p.get("path"), p.get("input")) {
             (Some(Value::String(path)), None) => {
-                let pb = PathBuf::from(path);
-                if !pb.is_absolute() {
-                    return Err(JobError::invalid(
-                        "invalid_path",
-                        "`path` must be an absolute path to a file on the server",
-                    ));
-                }
-                match std::fs::metadata(&pb) {
-                    Ok(m) if m.is_file() => {}
-                    Ok(_) => {
-                        return Err(JobError::invalid(
-                            "invalid_path",
-                            format!("{path:?} is not a regular file"),
-                        ))
-                    }
-                    Err(e) => {
-                        return Err(JobError::invalid(
-                            "invalid_path",
-                            format!("cannot read {path:?}: {e}"),
-                        ))
-                    }
-                }
+                let checked = import_path(import_roots, path)?;
+                p.insert(
+                    "path".into(),
+                    Value::String(checked.to_string_lossy().into_owned()),
+                );
             }
             (None, Some(Value::String(s))) if s == "upload" => {}
             _ => {
@@ -195,9 +180,100 @@ pub fn validate(
                 ))
             }
         },
-        JobType::IndexOptimize | JobType::RegenerateEmbeddings => {}
+        JobType::RegenerateEmbeddings => {
+            let model = match p.get("embedding_model") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(m)) => Some(m.as_str()),
+                Some(_) => {
+                    return Err(JobError::invalid(
+                        "invalid_param",
+                        "`embedding_model` must be a model name such as \"local:all-minilm-l6-v2\"",
+                    ))
+                }
+            };
+            let (model, _) = engine.reembed_target(&lib_id, model)?;
+            p.insert("embedding_model".into(), Value::String(model));
+        }
+        JobType::IndexOptimize => {}
     }
     Ok((Some(lib_id), Value::Object(p), max_retries))
+}
+
+/// Resolves an import `path` (relative: to the first import directory), canonicalised so
+/// `..` and symlinks are followed, and accepts it only inside an import directory: 403
+/// `path_not_allowed` otherwise, 422 `invalid_path` for a file that cannot be read.
+pub fn import_path(import_roots: &[PathBuf], path: &str) -> Result<PathBuf> {
+    let allowed = || {
+        import_roots
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let given = PathBuf::from(path);
+    let joined = match (given.is_absolute(), import_roots.first()) {
+        (true, _) => given,
+        (false, Some(root)) => root.join(given),
+        (false, None) => {
+            return Err(JobError::Forbidden {
+                code: "path_not_allowed",
+                detail: "this server reads no import files (no import directory)".into(),
+            })
+        }
+    };
+    let canonical = match std::fs::canonicalize(&joined) {
+        Ok(c) => c,
+        // Whether a file exists outside the import directories is not the caller's business
+        // (`..` is resolved lexically here, as the file does not exist to canonicalise).
+        Err(_) if !import_roots.iter().any(|r| lexical(&joined).starts_with(r)) => {
+            return Err(JobError::Forbidden {
+                code: "path_not_allowed",
+                detail: format!("{path:?} is outside the import directories ({})", allowed()),
+            })
+        }
+        Err(e) => {
+            return Err(JobError::invalid(
+                "invalid_path",
+                format!("cannot read {path:?}: {e}"),
+            ))
+        }
+    };
+    if !import_roots.iter().any(|r| canonical.starts_with(r)) {
+        return Err(JobError::Forbidden {
+            code: "path_not_allowed",
+            detail: format!(
+                "{path:?} is outside the import directories ({}); put the file there (symlinks and `..` are resolved first)",
+                allowed()
+            ),
+        });
+    }
+    match std::fs::metadata(&canonical) {
+        Ok(m) if m.is_file() => Ok(canonical),
+        Ok(_) => Err(JobError::invalid(
+            "invalid_path",
+            format!("{path:?} is not a regular file"),
+        )),
+        Err(e) => Err(JobError::invalid(
+            "invalid_path",
+            format!("cannot read {path:?}: {e}"),
+        )),
+    }
+}
+
+/// `p` with `.` and `..` components resolved without touching the disk.
+fn lexical(p: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn index_change(p: &Map<String, Value>) -> Result<IndexChange> {
@@ -300,7 +376,7 @@ pub(crate) fn run(jobs: &Jobs, job: &Job) -> Result<Value> {
         JobType::IndexRebuild => rebuild(&mut ctl, &p),
         JobType::IndexOptimize => optimize(&mut ctl),
         JobType::BatchDelete => delete(&mut ctl, &p),
-        JobType::RegenerateEmbeddings => regenerate(&mut ctl),
+        JobType::RegenerateEmbeddings => regenerate(&mut ctl, &p),
     }
 }
 
@@ -326,7 +402,19 @@ fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Option<
 
 fn import(ctl: &mut Ctl, p: &Map<String, Value>) -> Result<Value> {
     let path = match p.get("path").and_then(Value::as_str) {
-        Some(path) => PathBuf::from(path),
+        // Checked again at every run: the file (or a directory on its way) may have been
+        // replaced by a symlink since the job was queued.
+        Some(path) => {
+            let c =
+                std::fs::canonicalize(path).map_err(JobError::io(std::path::Path::new(path)))?;
+            if !ctl.jobs.import_dirs().iter().any(|r| c.starts_with(r)) {
+                return Err(JobError::Forbidden {
+                    code: "path_not_allowed",
+                    detail: format!("{path:?} now leads outside the import directories"),
+                });
+            }
+            c
+        }
         None => ctl.jobs.job_dir(&ctl.job.id).join("input.ndjson"),
     };
     let open = || {
@@ -679,64 +767,80 @@ fn delete(ctl: &mut Ctl, p: &Map<String, Value>) -> Result<Value> {
     )
 }
 
-fn regenerate(ctl: &mut Ctl) -> Result<Value> {
-    let (_, docs, _) = ctl.engine().export(&ctl.library)?;
-    let docs: Vec<_> = docs
-        .into_iter()
-        .filter(|d| d.chunks.iter().any(|c| !c.text.trim().is_empty()))
-        .collect();
-    let total = docs.len() as u64;
-    let (mut done, mut chunks, mut last_seq) = (0u64, 0u64, 0u64);
-    for group in docs.chunks(ctl.batch) {
-        let items = group
-            .iter()
-            .map(|d| {
-                Ok(DocumentInput {
-                    id: Some(d.id.clone()),
-                    title: d.title.clone(),
-                    metadata: Some(d.metadata.clone()),
-                    chunks: Some(
-                        d.chunks
-                            .iter()
-                            .map(|c| {
-                                let text = !c.text.trim().is_empty();
-                                if text {
-                                    chunks += 1;
-                                }
-                                ChunkInput {
-                                    id: Some(c.id.clone()),
-                                    text: c.text.clone(),
-                                    // Chunks with text are embedded again; the others keep theirs.
-                                    embedding: (!text).then(|| c.embedding.clone()),
-                                    embedding_b64: None,
-                                    metadata: Some(c.metadata.clone()),
-                                }
-                            })
-                            .collect(),
-                    ),
-                    texts: None,
-                })
-            })
-            .collect();
-        let c = ctl
-            .engine()
-            .upsert_documents(&ctl.ctx, &ctl.library, items)?;
-        for o in c.value {
-            match o {
-                ItemOutcome::Committed { seq, .. } => last_seq = last_seq.max(seq),
-                // The provider refused (e.g. no embedder configured): the job fails with its
-                // reason. Documents re-embedded so far keep their new vectors (upserts).
-                ItemOutcome::Failed(e) => return Err(e.into()),
+/// Re-embeds every chunk of the library with `embedding_model` (which may change the
+/// dimension): new vectors are staged beside the live ones (searches keep working on those),
+/// then swapped in by one record once every document is staged. A cancel or a failure
+/// discards the staging, leaving the library exactly as it was; a stopping server leaves it
+/// staged, and the resumed job embeds only what is not staged yet.
+fn regenerate(ctl: &mut Ctl, p: &Map<String, Value>) -> Result<Value> {
+    let model = p.get("embedding_model").and_then(Value::as_str);
+    let r = regenerate_staged(ctl, model);
+    match &r {
+        Ok(_) | Err(JobError::Stopped) => {}
+        Err(_) => {
+            if let Err(e) = ctl.engine().reembed_discard(&ctl.ctx, &ctl.library) {
+                tracing::warn!(job = %ctl.job.id, "staged re-embedding not discarded: {e}");
             }
         }
-        done += group.len() as u64;
-        if done < total {
-            ctl.checkpoint(done, total, &format!("{done} of {total} documents"), done)?;
+    }
+    r
+}
+
+/// Most rounds of "stage what changed meanwhile" before the switch gives up (each round
+/// stages only documents written during the previous one).
+const SWITCH_ROUNDS_LIMIT: u32 = 100;
+
+fn regenerate_staged(ctl: &mut Ctl, model: Option<&str>) -> Result<Value> {
+    let started = Instant::now();
+    let engine = ctl.engine().clone();
+    let (info, _) = engine.library(&ctl.library)?;
+    let (from_model, from_dimension) =
+        (info.library.embedding_model.clone(), info.library.dimension);
+    let resumed = engine.reembed_begin(&ctl.ctx, &ctl.library, model)?.value;
+    let (mut chunks, mut staged_docs) = (0u64, 0u64);
+    for _ in 0..SWITCH_ROUNDS_LIMIT {
+        let (total, pending) = engine.reembed_pending(&ctl.library)?;
+        if pending.is_empty() {
+            let switched = engine.reembed_switch(&ctl.ctx, &ctl.library)?;
+            if let Some(after) = switched.value {
+                let c = switched.seq;
+                engine
+                    .log()
+                    .wait_durable(c)
+                    .map_err(|e| JobError::Engine(e.into()))?;
+                let l = &after.library;
+                return Ok(json!({
+                    "documents": after.num_documents, "chunks": after.num_chunks,
+                    "chunks_embedded": chunks, "documents_embedded": staged_docs,
+                    "resumed": resumed,
+                    "from": {"embedding_model": from_model, "dimension": from_dimension},
+                    "embedding_model": l.embedding_model, "dimension": l.dimension,
+                    "duration_ms": started.elapsed().as_secs_f64() * 1000.0, "seq": c,
+                }));
+            }
+            continue;
+        }
+        let total = total as u64;
+        let mut done = total - pending.len() as u64;
+        for group in pending.chunks(ctl.batch) {
+            let n = engine.reembed_stage(&ctl.ctx, &ctl.library, group)?.value as u64;
+            staged_docs += n;
+            chunks += group
+                .iter()
+                .filter_map(|id| engine.document(&ctl.library, id).ok())
+                .map(|(d, _)| d.chunks.len() as u64)
+                .sum::<u64>();
+            done += n;
+            ctl.checkpoint(
+                done,
+                total,
+                &format!("{done} of {total} documents embedded"),
+                0,
+            )?;
         }
     }
-    ctl.engine()
-        .log()
-        .wait_durable(last_seq)
-        .map_err(|e| JobError::Engine(e.into()))?;
-    Ok(json!({"documents": total, "chunks_embedded": chunks, "seq": last_seq}))
+    Err(JobError::Engine(EngineError::Unavailable {
+        code: "reembedding_busy",
+        detail: format!("documents kept changing during {SWITCH_ROUNDS_LIMIT} rounds of re-embedding; retry when writes to the library calm down"),
+    }))
 }

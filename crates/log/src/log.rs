@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 /// Name of the lock file that keeps a second process out of the directory.
@@ -478,6 +478,19 @@ impl FileLog {
         covered_below: Seq,
         retention: &Retention,
     ) -> Result<usize, LogError> {
+        self.truncate_before_held(covered_below, retention, None)
+    }
+
+    /// As [`FileLog::truncate_before`], but a segment holding any record at or after
+    /// `hold.0` (the oldest seq a durable reader still needs) is also kept — unless it is
+    /// outside `hold.1`, the most history readers may hold back (then the reader loses those
+    /// records and must report it).
+    pub fn truncate_before_held(
+        &self,
+        covered_below: Seq,
+        retention: &Retention,
+        hold: Option<(Seq, &Retention)>,
+    ) -> Result<usize, LogError> {
         let _serialized = self.truncate_lock.lock();
         let durable_seq = self.durable_seq();
         let snapshot: Vec<Arc<Segment>> = self.shared.segments.read().iter().cloned().collect();
@@ -494,21 +507,29 @@ impl FileLog {
                 break;
             }
             let bytes_from_newest: u64 = sizes[i..].iter().sum();
-            let beyond_bytes = retention
-                .max_bytes
-                .is_some_and(|max| bytes_from_newest > max);
-            let too_old = match retention.max_age {
-                None => false,
-                Some(max_age) => {
-                    let path = &snapshot[i].path;
-                    let modified = std::fs::metadata(path)
-                        .and_then(|m| m.modified())
-                        .map_err(|e| LogError::io(path, e))?;
-                    now.duration_since(modified).unwrap_or_default() >= max_age
-                }
+            let age = || -> Result<Duration, LogError> {
+                let path = &snapshot[i].path;
+                let modified = std::fs::metadata(path)
+                    .and_then(|m| m.modified())
+                    .map_err(|e| LogError::io(path, e))?;
+                Ok(now.duration_since(modified).unwrap_or_default())
             };
-            if !(beyond_bytes || too_old) {
+            let outside = |r: &Retention| -> Result<bool, LogError> {
+                let beyond_bytes = r.max_bytes.is_some_and(|max| bytes_from_newest > max);
+                let too_old = match r.max_age {
+                    None => false,
+                    Some(max_age) => age()? >= max_age,
+                };
+                Ok(beyond_bytes || too_old)
+            };
+            if !outside(retention)? {
                 break;
+            }
+            if let Some((needed, limit)) = hold {
+                // A durable reader has not read this segment's newest records yet.
+                if last_seq >= needed && !outside(limit)? {
+                    break;
+                }
             }
             delete_count += 1;
         }

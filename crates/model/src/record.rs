@@ -50,6 +50,30 @@ pub enum Change {
         document_id: String,
         chunk_id: String,
     },
+    /// A re-embedding of a library began: vectors from `model` (`dimension`) will be staged
+    /// beside the live ones, which keep serving searches until the switch. Replaces any
+    /// earlier staging of the library.
+    ReembedStarted {
+        library_id: String,
+        model: String,
+        dimension: u32,
+    },
+    /// New vectors for one document's chunks (ids and vectors in chunk order), staged for the
+    /// running re-embedding; not searchable until [`Change::Reembedded`]. A later change to
+    /// the document drops its staged vectors (it is staged again).
+    ReembedStaged {
+        library_id: String,
+        document_id: String,
+        chunk_ids: Vec<String>,
+        vectors: Vec<Vec<f32>>,
+    },
+    /// Every document is staged: the staged vectors replace the live ones, and the library
+    /// takes the new model and dimension (the library's new description).
+    Reembedded(Library),
+    /// The staging was abandoned (cancelled or failed); the live vectors never changed.
+    ReembedDiscarded {
+        library_id: String,
+    },
     /// An application-defined event: no effect on state, only on the stream.
     AppEvent {
         event_type: String,
@@ -73,6 +97,10 @@ mod tag {
     pub const CHUNKS_ADDED: u8 = 6;
     pub const CHUNK_DELETED: u8 = 7;
     pub const APP_EVENT: u8 = 8;
+    pub const REEMBED_STARTED: u8 = 9;
+    pub const REEMBED_STAGED: u8 = 10;
+    pub const REEMBEDDED: u8 = 11;
+    pub const REEMBED_DISCARDED: u8 = 12;
 }
 
 /// The public event type of a record of `tag` (`replaced` for document upserts); `None` for
@@ -87,6 +115,10 @@ fn system_event_type(tag: u8, replaced: bool) -> Option<&'static str> {
         tag::DOCUMENT_DELETED => "document.deleted",
         tag::CHUNKS_ADDED => "chunk.added",
         tag::CHUNK_DELETED => "chunk.deleted",
+        tag::REEMBED_STARTED => "library.reembedding_started",
+        tag::REEMBED_STAGED => "library.reembedding_staged",
+        tag::REEMBEDDED => "library.reembedded",
+        tag::REEMBED_DISCARDED => "library.reembedding_discarded",
         _ => return None,
     })
 }
@@ -129,6 +161,10 @@ impl Change {
             Change::ChunksAdded { .. } => tag::CHUNKS_ADDED,
             Change::ChunkDeleted { .. } => tag::CHUNK_DELETED,
             Change::AppEvent { .. } => tag::APP_EVENT,
+            Change::ReembedStarted { .. } => tag::REEMBED_STARTED,
+            Change::ReembedStaged { .. } => tag::REEMBED_STAGED,
+            Change::Reembedded(_) => tag::REEMBEDDED,
+            Change::ReembedDiscarded { .. } => tag::REEMBED_DISCARDED,
         }
     }
 
@@ -146,8 +182,13 @@ impl Change {
     /// The library this change belongs to, if any.
     pub fn library_id(&self) -> Option<&str> {
         match self {
-            Change::LibraryCreated(l) | Change::LibraryUpdated(l) => Some(&l.id),
+            Change::LibraryCreated(l) | Change::LibraryUpdated(l) | Change::Reembedded(l) => {
+                Some(&l.id)
+            }
             Change::LibraryDeleted { library_id, .. }
+            | Change::ReembedStarted { library_id, .. }
+            | Change::ReembedStaged { library_id, .. }
+            | Change::ReembedDiscarded { library_id }
             | Change::DocumentDeleted { library_id, .. }
             | Change::ChunksAdded { library_id, .. }
             | Change::ChunkDeleted { library_id, .. } => Some(library_id),
@@ -225,6 +266,42 @@ impl Record {
                 w.opt_str(library_id.as_deref());
                 w.json(data);
             }
+            Change::ReembedStarted {
+                library_id,
+                model,
+                dimension,
+            } => {
+                w.u8(tag::REEMBED_STARTED);
+                w.str(library_id);
+                w.str(model);
+                w.u32(*dimension);
+            }
+            Change::ReembedStaged {
+                library_id,
+                document_id,
+                chunk_ids,
+                vectors,
+            } => {
+                w.u8(tag::REEMBED_STAGED);
+                w.str(library_id);
+                w.str(document_id);
+                w.u32(chunk_ids.len() as u32);
+                for id in chunk_ids {
+                    w.str(id);
+                }
+                w.u32(vectors.len() as u32);
+                for v in vectors {
+                    w.f32s(v);
+                }
+            }
+            Change::Reembedded(l) => {
+                w.u8(tag::REEMBEDDED);
+                put_library(&mut w, l);
+            }
+            Change::ReembedDiscarded { library_id } => {
+                w.u8(tag::REEMBED_DISCARDED);
+                w.str(library_id);
+            }
         }
         w.buf
     }
@@ -252,6 +329,9 @@ impl Record {
                     .iter()
                     .map(|c| 64 + c.text.len() + c.embedding.len() * 4)
                     .sum::<usize>()
+            }
+            Change::ReembedStaged { vectors, .. } => {
+                256 + vectors.iter().map(|v| 64 + v.len() * 4).sum::<usize>()
             }
             Change::ChunksAdded { chunks, .. } => {
                 256 + chunks
@@ -317,6 +397,35 @@ impl Record {
                 event_type: r.string()?,
                 library_id: r.opt_string()?,
                 data: r.json()?,
+            },
+            tag::REEMBED_STARTED => Change::ReembedStarted {
+                library_id: r.string()?,
+                model: r.string()?,
+                dimension: r.u32()?,
+            },
+            tag::REEMBED_STAGED => {
+                let library_id = r.string()?;
+                let document_id = r.string()?;
+                let n = r.count(4)?;
+                let mut chunk_ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    chunk_ids.push(r.string()?);
+                }
+                let n = r.count(4)?;
+                let mut vectors = Vec::with_capacity(n);
+                for _ in 0..n {
+                    vectors.push(r.f32s()?);
+                }
+                Change::ReembedStaged {
+                    library_id,
+                    document_id,
+                    chunk_ids,
+                    vectors,
+                }
+            }
+            tag::REEMBEDDED => Change::Reembedded(get_library(&mut r)?),
+            tag::REEMBED_DISCARDED => Change::ReembedDiscarded {
+                library_id: r.string()?,
             },
             t => return Err(r.err(format!("unknown record tag {t}"))),
         };
@@ -581,6 +690,29 @@ mod tests {
                     library_id: "lib".into(),
                     document_id: "d1".into(),
                     chunk_id: "c1".into(),
+                },
+            ),
+            Record::new(
+                meta.clone(),
+                Change::ReembedStarted {
+                    library_id: "lib".into(),
+                    model: "local:all-minilm-l6-v2".into(),
+                    dimension: 384,
+                },
+            ),
+            Record::new(
+                meta.clone(),
+                Change::ReembedStaged {
+                    library_id: "lib".into(),
+                    document_id: "d1".into(),
+                    chunk_ids: vec!["c1".into(), "c2".into()],
+                    vectors: vec![vec![0.5, 0.25], vec![-1.0, 2.0]],
+                },
+            ),
+            Record::new(
+                meta.clone(),
+                Change::ReembedDiscarded {
+                    library_id: "lib".into(),
                 },
             ),
             Record::new(

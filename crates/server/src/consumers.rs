@@ -86,10 +86,17 @@ impl Service {
             }
             stopper.stop();
         });
-        Arc::new(Service {
+        let service = Arc::new(Service {
             registry,
             library_stats,
-        })
+        });
+        // Log retention keeps what a consumer has not acked (within the reader limit).
+        let weak = Arc::downgrade(&service);
+        engine.set_retention_hold(
+            "consumers",
+            Box::new(move || weak.upgrade().and_then(|s| s.registry.oldest_needed())),
+        );
+        service
     }
 }
 

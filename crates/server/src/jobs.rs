@@ -57,6 +57,7 @@ fn api_error(e: JobError) -> ApiError {
             };
             ApiError::new(status, code, detail)
         }
+        JobError::Forbidden { code, detail } => ApiError::new(StatusCode::FORBIDDEN, code, detail),
         e @ JobError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, e.code(), e.detail()),
         e @ JobError::Finished { .. } => ApiError::new(StatusCode::CONFLICT, e.code(), e.detail()),
         e @ (JobError::QueueFull { .. } | JobError::ShuttingDown) => {

@@ -221,8 +221,8 @@ async fn import_upload_and_path_with_bad_lines() {
     assert_eq!(evs.get(1).map(String::as_str), Some("job.started"));
     assert_eq!(evs.last().map(String::as_str), Some("job.completed"));
 
-    // From a file on the server.
-    let path = dir.path().join("more.ndjson");
+    // From a file on the server, in its import directory (`<data_dir>/import` by default).
+    let path = dir.path().join("import").join("more.ndjson");
     let more: String = (300..350).map(|i| doc_line(i) + "\n").collect();
     std::fs::write(&path, more).expect("write");
     let j = run(
@@ -277,8 +277,8 @@ async fn bad_requests_get_clear_errors() {
         (
             "batch_import",
             json!({"library_id": lib, "path": "/nonexistent/x.ndjson"}),
-            422,
-            "invalid_path",
+            403,
+            "path_not_allowed",
         ),
         (
             "batch_delete",
@@ -676,29 +676,39 @@ async fn list_stats_and_queued_cancel() {
     }
 }
 
+/// A re-embedding that cannot work is refused at submission (422, no job, nothing changed):
+/// no model named for a library without one, a model the server does not know.
 #[tokio::test]
-async fn regenerate_embeddings_fails_clearly_without_an_embedder() {
+async fn regenerate_embeddings_refuses_clearly_without_a_model() {
     let (base, c, _engine, _dir) = server().await;
     let lib = library(&c, &base, "re", "flat").await;
     fill(&c, &base, &lib, 5).await;
     let before = search(&c, &base, &lib, &vector(3)).await;
-    let j = run(
-        &c,
-        &base,
-        "regenerate_embeddings",
-        json!({"library_id": lib}),
-    )
-    .await;
-    assert_eq!(j["status"], "failed", "{j}");
-    assert_eq!(j["error"]["error"], "embedding_unavailable", "{j}");
-    assert!(
-        j["error"]["detail"]
-            .as_str()
-            .unwrap_or("")
-            .contains("embedding"),
-        "{j}"
-    );
-    assert_eq!(j["attempts"], 1, "not retried: it cannot succeed");
+    for (body, code) in [
+        (json!({"library_id": lib}), "embedding_model_required"),
+        (
+            json!({"library_id": lib, "embedding_model": "local:nope"}),
+            "unknown_model",
+        ),
+        (
+            json!({"library_id": lib, "embedding_model": 7}),
+            "invalid_param",
+        ),
+    ] {
+        let (status, v) = submit(&c, &base, "regenerate_embeddings", body).await;
+        assert_eq!(status, 422, "{v}");
+        assert_eq!(v["error"], code, "{v}");
+        assert!(!v["detail"].as_str().unwrap_or("").is_empty(), "{v}");
+    }
+    let jobs: Value = c
+        .get(format!("{base}/v1/jobs"))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
     assert_eq!(
         search(&c, &base, &lib, &vector(3)).await,
         before,
@@ -751,11 +761,12 @@ async fn regenerate_embeddings_with_an_embedder() {
         &c,
         &base,
         "regenerate_embeddings",
-        json!({"library_id": lib, "batch_size": 7}),
+        json!({"library_id": lib, "batch_size": 7, "embedding_model": "test:model"}),
     )
     .await;
     assert_eq!(j["status"], "completed", "{j}");
     assert_eq!(j["result"]["documents"], 30);
+    assert_eq!(j["result"]["embedding_model"], "test:model", "{j}");
     assert_eq!(j["result"]["chunks_embedded"], 30);
     let d: Value = c
         .get(format!(
@@ -833,7 +844,7 @@ async fn io_failures_are_retried_then_fail() {
     )
     .await;
     let blocker = v["job_id"].as_str().expect("id").to_string();
-    let path = dir.path().join("gone.ndjson");
+    let path = dir.path().join("import").join("gone.ndjson");
     std::fs::write(&path, doc_line(1) + "\n").expect("write");
     let (s, v) = submit(
         &c,
@@ -906,4 +917,491 @@ async fn queue_limit_and_retention() {
         !dir.path().join("jobs").join(&a).exists(),
         "its export file went too"
     );
+}
+
+// ------------------------------------------------------------------ re-embedding, real models
+
+const POTION: &str = "local:potion-base-8m";
+const MINILM: &str = "local:all-minilm-l6-v2";
+
+const TOPICS: [&str; 8] = [
+    "The cat sat on the warm windowsill all afternoon.",
+    "Stock markets fell sharply after the interest rate announcement.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Our team won the football match in the final minute.",
+    "The spacecraft entered orbit around Mars after a long journey.",
+    "Heavy rain caused flooding in the river valley.",
+    "She practiced the violin every evening before dinner.",
+    "The database stores every change as an event in its log.",
+];
+
+/// The model cache with both local models, or `None` (the test says it skipped, unless
+/// `QUIVER_REQUIRE_MODELS=1`, where it fails).
+fn installed_models() -> Option<std::path::PathBuf> {
+    let dir = match std::env::var_os("QUIVER_MODEL_DIR") {
+        Some(d) if !d.is_empty() => std::path::PathBuf::from(d),
+        _ => {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/quiver-models")
+        }
+    };
+    for m in [POTION, MINILM] {
+        if !matches!(quiver_embed::models::is_installed(m, &dir), Ok(true)) {
+            let why = format!("{m} is not installed in {}", dir.display());
+            if std::env::var("QUIVER_REQUIRE_MODELS").is_ok_and(|v| v == "1") {
+                panic!("{why}");
+            }
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+    }
+    Some(dir)
+}
+
+async fn text_search(c: &Client, base: &str, lib: &str, q: &str) -> Vec<(String, String)> {
+    let r = c
+        .post(format!("{base}/v1/libraries/{lib}/search"))
+        .json(&json!({"query": q, "k": 5}))
+        .send()
+        .await
+        .expect("search");
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    v["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|h| {
+            (
+                h["chunk"]["text"].as_str().unwrap_or("").to_string(),
+                format!("{:.5}", h["distance"].as_f64().unwrap_or(-1.0)),
+            )
+        })
+        .collect()
+}
+
+async fn library_json(c: &Client, base: &str, lib: &str) -> Value {
+    c.get(format!("{base}/v1/libraries/{lib}"))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// Every chunk's stored vector length, over all documents of `lib`.
+async fn vector_lengths(c: &Client, base: &str, lib: &str, ids: &[String]) -> Vec<usize> {
+    let mut out = Vec::new();
+    for id in ids {
+        let d: Value = c
+            .get(format!(
+                "{base}/v1/libraries/{lib}/documents/{id}?include_embeddings=true"
+            ))
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
+        for ch in d["chunks"].as_array().expect("chunks") {
+            out.push(ch["embedding"].as_array().map_or(0, Vec::len));
+        }
+    }
+    out
+}
+
+/// Every event type of `library`, in log order.
+fn library_events(engine: &Engine, library: &str) -> Vec<String> {
+    engine
+        .log()
+        .wait_durable(engine.log().last_assigned_seq())
+        .expect("durable");
+    let mut out = Vec::new();
+    let mut next = 1;
+    loop {
+        let batch = engine.log().read_from(next, 4096, 64 << 20).expect("read");
+        if batch.is_empty() {
+            return out;
+        }
+        for (seq, payload) in batch {
+            next = seq + 1;
+            let rec = quiver_model::Record::decode(&payload).expect("decode");
+            if rec.change.library_id() == Some(library) {
+                out.push(rec.change.event_type().to_string());
+            }
+        }
+    }
+}
+
+/// `regenerate_embeddings` with `embedding_model` moves a library to another model and
+/// dimension (potion-base-8M, 256-d → all-MiniLM-L6-v2, 384-d; client vectors, 4-d → 384-d):
+/// searches keep answering from the old vectors while it runs, a document written during the
+/// run is re-embedded too, a cancel leaves the library exactly as it was, and the end state is
+/// every chunk at the new dimension with text search ranking by the new model.
+#[tokio::test]
+async fn regenerate_embeddings_with_another_model_and_dimension() {
+    let Some(models) = installed_models() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rc = quiver_embed::registry::RegistryConfig::new(&models);
+    rc.auto_install = false;
+    let registry = quiver_embed::registry::Registry::new(rc).expect("registry");
+    let engine =
+        Engine::open_with(EngineConfig::new(dir.path()), Arc::new(registry)).expect("open");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(quiver_server::serve(
+        listener,
+        engine.clone(),
+        std::future::pending(),
+    ));
+    let c = Client::new();
+
+    // A library on potion-base-8M, with text.
+    let r = c
+        .post(format!("{base}/v1/libraries"))
+        .json(&json!({"name": "notes", "embedding_model": POTION}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status(), 201);
+    let lib = r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_eq!(library_json(&c, &base, &lib).await["dimension"], 256);
+    let n = 64;
+    let body: String = (0..n)
+        .map(|i| {
+            json!({"id": format!("t{i:03}"), "title": format!("note {i}"),
+                   "chunks": [{"text": format!("{} (note {i})", TOPICS[i % TOPICS.len()])}]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let r = c
+        .post(format!("{base}/v1/libraries/{lib}/documents/stream"))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .expect("ingest");
+    assert_eq!(r.status(), 200);
+    let reply = r.text().await.expect("reply");
+    assert!(!reply.contains("\"error\""), "{reply}");
+    let query = "a kitten resting by the window";
+    let before = text_search(&c, &base, &lib, query).await;
+    assert!(!before.is_empty());
+
+    // Refusals: an unknown model, and a library with a chunk that has no text.
+    let (s, v) = submit(
+        &c,
+        &base,
+        "regenerate_embeddings",
+        json!({"library_id": lib, "embedding_model": "local:no-such-model"}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("unknown_model")),
+        "{v}"
+    );
+    let bare = library(&c, &base, "bare", "flat").await;
+    let r = c
+        .post(format!("{base}/v1/libraries/{bare}/documents"))
+        .json(&json!({"id": "v", "title": "vector only", "chunks": [{"text": "", "embedding": vector(1)}]}))
+        .send()
+        .await
+        .expect("add");
+    assert_eq!(r.status(), 201);
+    let (s, v) = submit(
+        &c,
+        &base,
+        "regenerate_embeddings",
+        json!({"library_id": bare, "embedding_model": MINILM}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("chunks_without_text")),
+        "{v}"
+    );
+
+    // Cancel mid-run: the library is exactly as it was, and nothing stays staged.
+    let (s, v) = submit(
+        &c,
+        &base,
+        "regenerate_embeddings",
+        json!({"library_id": lib, "embedding_model": MINILM, "batch_size": 2, "pause_ms": 100}),
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["job_id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = job(&c, &base, &id).await;
+        if j["progress"]["current"].as_u64().unwrap_or(0) >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = c
+        .delete(format!("{base}/v1/jobs/{id}"))
+        .send()
+        .await
+        .expect("cancel");
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(wait(&c, &base, &id).await["status"], "cancelled");
+    let l = library_json(&c, &base, &lib).await;
+    assert_eq!(
+        (l["dimension"].as_u64(), l["embedding_model"].as_str()),
+        (Some(256), Some(POTION)),
+        "{l}"
+    );
+    assert_eq!(
+        text_search(&c, &base, &lib, query).await,
+        before,
+        "a cancel changes nothing"
+    );
+    assert!(
+        engine.reembeddings_staged().is_empty(),
+        "the staging was discarded"
+    );
+
+    // The real run: searches keep answering (from the 256-d vectors) while it runs; a second
+    // re-embedding of the same library is refused; a document written meanwhile is redone.
+    let (s, v) = submit(
+        &c,
+        &base,
+        "regenerate_embeddings",
+        json!({"library_id": lib, "embedding_model": MINILM, "batch_size": 4, "pause_ms": 40}),
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["job_id"].as_str().expect("id").to_string();
+    let (s, v) = submit(
+        &c,
+        &base,
+        "regenerate_embeddings",
+        json!({"library_id": lib, "embedding_model": MINILM}),
+    )
+    .await;
+    assert_eq!((s, v["error"].as_str()), (409, Some("job_conflict")), "{v}");
+    let mut searched_while_running = 0;
+    let mut late_written = false;
+    loop {
+        let j = job(&c, &base, &id).await;
+        if j["status"] != "running" && j["status"] != "queued" {
+            break;
+        }
+        if j["status"] == "running" && j["progress"]["current"].as_u64().unwrap_or(0) > 0 {
+            let l = library_json(&c, &base, &lib).await;
+            if l["dimension"] == 256 {
+                assert!(!text_search(&c, &base, &lib, query).await.is_empty());
+                searched_while_running += 1;
+                if !late_written {
+                    let r = c
+                        .post(format!("{base}/v1/libraries/{lib}/documents"))
+                        .json(&json!({"id": "late", "title": "late",
+                                      "chunks": [{"text": "A kitten naps by the sunny window."}]}))
+                        .send()
+                        .await
+                        .expect("add");
+                    assert_eq!(r.status(), 201);
+                    late_written = true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(
+        searched_while_running > 0 && late_written,
+        "the job ran too fast to observe"
+    );
+    let j = wait(&c, &base, &id).await;
+    assert_eq!(j["status"], "completed", "{j}");
+    assert_eq!(j["result"]["dimension"], 384, "{j}");
+    assert_eq!(j["result"]["from"]["dimension"], 256, "{j}");
+    assert_eq!(j["result"]["documents"], n as u64 + 1, "{j}");
+    let l = library_json(&c, &base, &lib).await;
+    assert_eq!(
+        (l["dimension"].as_u64(), l["embedding_model"].as_str()),
+        (Some(384), Some(MINILM)),
+        "{l}"
+    );
+    let mut ids: Vec<String> = (0..n).map(|i| format!("t{i:03}")).collect();
+    ids.push("late".into());
+    let lens = vector_lengths(&c, &base, &lib, &ids).await;
+    assert_eq!(lens.len(), n + 1);
+    assert!(lens.iter().all(|&d| d == 384), "{lens:?}");
+    let after = text_search(&c, &base, &lib, query).await;
+    assert!(
+        after[0].0.contains("kitten") || after[0].0.contains("cat"),
+        "{after:?}"
+    );
+    // Queries are embedded with the new model, and new text is too.
+    let r = c
+        .post(format!("{base}/v1/libraries/{lib}/documents"))
+        .json(&json!({"id": "new", "title": "new", "chunks": [{"text": "Rain fell all night."}]}))
+        .send()
+        .await
+        .expect("add");
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        vector_lengths(&c, &base, &lib, &["new".into()]).await,
+        vec![384]
+    );
+    let evs = library_events(&engine, &lib);
+    let count = |t: &str| evs.iter().filter(|e| *e == t).count();
+    assert_eq!(count("library.reembedding_started"), 2, "{evs:?}");
+    assert_eq!(count("library.reembedding_discarded"), 1, "{evs:?}");
+    assert_eq!(count("library.reembedded"), 1, "{evs:?}");
+    assert!(count("library.reembedding_staged") > n, "{evs:?}");
+    assert!(
+        engine.snapshot().is_ok(),
+        "snapshots resume after the switch"
+    );
+    assert!(engine.reembeddings_staged().is_empty());
+
+    // A library of client vectors (4-d, no model) gets a model and 384-d vectors.
+    let vecs = library(&c, &base, "vecs", "hnsw").await;
+    fill(&c, &base, &vecs, 20).await;
+    let j = run(
+        &c,
+        &base,
+        "regenerate_embeddings",
+        json!({"library_id": vecs, "embedding_model": MINILM}),
+    )
+    .await;
+    assert_eq!(j["status"], "completed", "{j}");
+    let l = library_json(&c, &base, &vecs).await;
+    assert_eq!(
+        (l["dimension"].as_u64(), l["embedding_model"].as_str()),
+        (Some(384), Some(MINILM)),
+        "{l}"
+    );
+    let ids: Vec<String> = (0..20).map(|i| format!("d{i:05}")).collect();
+    assert!(vector_lengths(&c, &base, &vecs, &ids)
+        .await
+        .iter()
+        .all(|&d| d == 384));
+    let hits = text_search(&c, &base, &vecs, "text 7").await;
+    assert!(!hits.is_empty());
+}
+
+/// `batch_import` reads a server file only inside an import directory (`<data_dir>/import`
+/// by default, or `--import-dir`), after resolving `..` and symlinks: escapes are a 403 that
+/// changes nothing, a bad file inside is a 422, and a file swapped for an escaping symlink
+/// after submission fails the job at run time.
+#[tokio::test]
+async fn import_paths_are_confined_to_the_import_directories() {
+    let outside_dir = tempfile::tempdir().expect("tempdir");
+    let allowed_dir = tempfile::tempdir().expect("tempdir");
+    let (base, c, _engine, dir) = server_with(quiver_jobs::JobsConfig {
+        workers: 1,
+        import_dirs: vec![allowed_dir.path().to_path_buf()],
+        ..Default::default()
+    })
+    .await;
+    let lib = library(&c, &base, "confined", "flat").await;
+    let lines: String = (0..10).map(|i| doc_line(i) + "\n").collect();
+    let outside = outside_dir.path().join("outside.ndjson");
+    std::fs::write(&outside, &lines).expect("write");
+    // The data directory's own import folder is not allowed when --import-dir is given.
+    let default_import = dir.path().join("import");
+    std::fs::create_dir_all(&default_import).expect("mkdir");
+    std::fs::write(default_import.join("d.ndjson"), &lines).expect("write");
+    let inside = allowed_dir.path();
+    std::os::unix::fs::symlink(&outside, inside.join("link.ndjson")).expect("symlink");
+    std::os::unix::fs::symlink(outside_dir.path(), inside.join("dirlink")).expect("symlink");
+    std::fs::create_dir_all(inside.join("sub")).expect("mkdir");
+    let escape = format!("{}/sub/../../{}", inside.display(), {
+        let o = outside_dir.path();
+        format!(
+            "{}/outside.ndjson",
+            o.strip_prefix(inside.parent().expect("parent"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| o.display().to_string())
+        )
+    });
+    for (path, status, code) in [
+        (outside.display().to_string(), 403, "path_not_allowed"),
+        (escape, 403, "path_not_allowed"),
+        ("../outside.ndjson".to_string(), 403, "path_not_allowed"),
+        ("link.ndjson".to_string(), 403, "path_not_allowed"),
+        (
+            "dirlink/outside.ndjson".to_string(),
+            403,
+            "path_not_allowed",
+        ),
+        ("/etc/passwd".to_string(), 403, "path_not_allowed"),
+        (
+            default_import.join("d.ndjson").display().to_string(),
+            403,
+            "path_not_allowed",
+        ),
+        ("missing.ndjson".to_string(), 422, "invalid_path"),
+        ("sub".to_string(), 422, "invalid_path"),
+    ] {
+        let (s, v) = submit(
+            &c,
+            &base,
+            "batch_import",
+            json!({"library_id": lib, "path": path}),
+        )
+        .await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (status, Some(code)),
+            "{path}: {v}"
+        );
+        assert!(!v["detail"].as_str().unwrap_or("").is_empty(), "{v}");
+    }
+    assert_eq!(count(&c, &base, &lib).await, 0, "refusals change nothing");
+
+    // Inside, by a relative or an absolute path: imported.
+    std::fs::write(inside.join("sub").join("ok.ndjson"), &lines).expect("write");
+    let j = run(
+        &c,
+        &base,
+        "batch_import",
+        json!({"library_id": lib, "path": "sub/ok.ndjson"}),
+    )
+    .await;
+    assert_eq!(j["status"], "completed", "{j}");
+    assert_eq!(j["result"]["committed"], 10, "{j}");
+
+    // Swapped for an escaping symlink while queued: the job fails, nothing is imported.
+    let other = library(&c, &base, "confined2", "flat").await;
+    fill(&c, &base, &other, 5).await;
+    let (_, v) = submit(
+        &c,
+        &base,
+        "batch_export",
+        json!({"library_id": other, "batch_size": 1, "pause_ms": 100}),
+    )
+    .await;
+    let blocker = v["job_id"].as_str().expect("id").to_string();
+    let swapped = inside.join("swap.ndjson");
+    std::fs::write(&swapped, &lines).expect("write");
+    let (s, v) = submit(
+        &c,
+        &base,
+        "batch_import",
+        json!({"library_id": other, "path": swapped}),
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["job_id"].as_str().expect("id").to_string();
+    std::fs::remove_file(&swapped).expect("rm");
+    std::os::unix::fs::symlink(&outside, &swapped).expect("symlink");
+    assert_eq!(wait(&c, &base, &blocker).await["status"], "completed");
+    let j = wait(&c, &base, &id).await;
+    assert_eq!(j["status"], "failed", "{j}");
+    assert_eq!(j["error"]["error"], "path_not_allowed", "{j}");
+    assert_eq!(count(&c, &base, &other).await, 5);
 }

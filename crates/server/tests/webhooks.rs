@@ -144,7 +144,11 @@ fn fast(allow_private: bool) -> ServeOptions {
 }
 
 async fn server(dir: &std::path::Path, options: ServeOptions) -> Server {
-    let engine = Engine::open(EngineConfig::new(dir)).expect("the engine opens");
+    server_with(EngineConfig::new(dir), options).await
+}
+
+async fn server_with(config: EngineConfig, options: ServeOptions) -> Server {
+    let engine = Engine::open(config).expect("the engine opens");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -667,5 +671,245 @@ async fn private_targets_are_refused_without_the_flag() {
     }
     let (st, _) = s.get("/v1/webhooks").await;
     assert_eq!(st, 200);
+    s.shutdown().await;
+}
+
+/// The delivery history (`GET …/deliveries`: attempts, codes, parked seqs, position) is saved
+/// with the endpoint: after a restart it reads the same, and a parked event can still be
+/// retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_history_and_parked_events_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), fast(true)).await;
+    let rx = Arc::new(Receiver::default());
+    rx.set_default(503);
+    let r = receiver_on(rx.clone(), "127.0.0.1:0").await;
+    let (id, _) = s
+        .create_hook(
+            &format!("http://{}/hook", r.addr),
+            json!({"max_attempts": 3}),
+        )
+        .await;
+    s.publish(2, "p").await;
+    let path = format!("/v1/webhooks/{id}/deliveries");
+    let mut before = Value::Null;
+    for _ in 0..500 {
+        let (_, d) = s.get(&path).await;
+        before = d;
+        if before["parked"].as_array().map_or(0, Vec::len) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let parked: Vec<u64> = before["parked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(parked.len(), 2, "{before}");
+    let history = before["deliveries"].as_array().unwrap().clone();
+    // Three failed attempts and a parking note per event.
+    assert_eq!(history.len(), 8, "{before}");
+    assert_eq!(
+        history.iter().filter(|d| d["status"] == "parked").count(),
+        2
+    );
+    assert!(history
+        .iter()
+        .filter(|d| d["status"] == "failed")
+        .all(|d| d["response_code"] == 503));
+    s.shutdown().await;
+
+    let s = server(dir.path(), fast(true)).await;
+    let (st, after) = s.get(&path).await;
+    assert_eq!(st, 200);
+    assert_eq!(after, before, "the same history, parked list and position");
+
+    rx.set_default(200);
+    let (st, v) = s
+        .post(&format!("{path}/{}/retry", parked[0]), json!({}))
+        .await;
+    assert_eq!(st, 202, "{v}");
+    wait_for("the retried delivery", 10, || {
+        delivered_seqs(&rx) == parked[..1]
+    })
+    .await;
+    let mut newest = Value::Null;
+    for _ in 0..250 {
+        let (_, d) = s.get(&path).await;
+        newest = d;
+        if newest["parked"].as_array().map_or(0, Vec::len) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(newest["parked"], json!([parked[1]]), "{newest}");
+    let d = newest["deliveries"].as_array().unwrap();
+    assert_eq!(d.len(), 9, "the old history plus the retry: {newest}");
+    assert_eq!(d[0]["status"], "delivered");
+    assert_eq!(d[0]["seq"], parked[0]);
+    r.down().await;
+    s.shutdown().await;
+}
+
+/// Small segments, no retention beyond what snapshots need: only durable readers keep the
+/// log from being deleted.
+fn tight_log(dir: &std::path::Path, reader_limit_bytes: Option<u64>) -> EngineConfig {
+    let mut c = EngineConfig::new(dir);
+    c.segment_size_bytes_limit = 4096;
+    c.retention = quiver_engine::Retention::NONE;
+    c.snapshot_every_records = u64::MAX / 2;
+    c.snapshot_min_log_bytes = u64::MAX / 2;
+    if let Some(b) = reader_limit_bytes {
+        c.reader_retention = quiver_engine::Retention {
+            max_age: None,
+            max_bytes: Some(b),
+        };
+    }
+    c
+}
+
+/// Two snapshots, so every segment before the older one is covered (what retention needs).
+async fn snapshot_twice(s: &Server) {
+    s.engine.snapshot().unwrap();
+    s.publish(1, "tick").await;
+    s.engine.snapshot().unwrap();
+}
+
+/// Log retention never deletes what a registered durable reader has not consumed: a paused
+/// webhook endpoint and an unacked consumer group keep their events; once they have read
+/// them, the segments go. Past the reader limit the segments go anyway and the reader says
+/// so (`expired` in the webhook's history, `expired_unread` for the consumer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_what_durable_readers_have_not_consumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server_with(tight_log(dir.path(), None), fast(true)).await;
+    let rx = Arc::new(Receiver::default());
+    let r = receiver_on(rx.clone(), "127.0.0.1:0").await;
+    let (id, _) = s
+        .create_hook(&format!("http://{}/hook", r.addr), json!({}))
+        .await;
+    let (st, v) = s.post(&format!("/v1/webhooks/{id}/pause"), json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s
+        .post(
+            "/v1/consumers",
+            json!({"name": "slow", "types": ["app.*"], "start": "now"}),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let first = s.engine.log().first_seq();
+    s.publish(300, "held").await;
+    snapshot_twice(&s).await;
+    assert!(
+        s.engine.log().segment_count() > 5,
+        "the test needs several segments"
+    );
+    assert_eq!(
+        s.engine.log().first_seq(),
+        first,
+        "nothing the readers still need was deleted"
+    );
+
+    // The consumer reads and acks everything; the paused webhook still holds the log.
+    let mut acked = 0;
+    loop {
+        let (st, b) = s.get("/v1/consumers/slow/next?max=100&wait_ms=0").await;
+        assert_eq!(st, 200, "{b}");
+        let seqs: Vec<u64> = b["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect();
+        if seqs.is_empty() {
+            break;
+        }
+        acked += seqs.len();
+        let (st, _) = s
+            .post("/v1/consumers/slow/ack", json!({"seqs": seqs}))
+            .await;
+        assert_eq!(st, 200);
+    }
+    assert!(acked >= 300, "{acked}");
+    snapshot_twice(&s).await;
+    assert_eq!(
+        s.engine.log().first_seq(),
+        first,
+        "the webhook still needs them"
+    );
+
+    // The webhook delivers every event, then nothing holds the segments any more.
+    let (st, _) = s
+        .post(&format!("/v1/webhooks/{id}/resume"), json!({}))
+        .await;
+    assert_eq!(st, 200);
+    wait_for("every event delivered", 30, || {
+        delivered_seqs(&rx).len() >= 302
+    })
+    .await;
+    let tags: Vec<String> = rx
+        .delivered()
+        .iter()
+        .map(|g| body_of(g)["data"]["tag"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(tags.iter().filter(|t| *t == "held").count(), 300);
+    // Positions are saved every 50 ms here; the hold reads the live ones.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    snapshot_twice(&s).await;
+    assert!(
+        s.engine.log().first_seq() > first + 250,
+        "consumed segments are deleted: first_seq {}",
+        s.engine.log().first_seq()
+    );
+    r.down().await;
+    s.shutdown().await;
+
+    // A reader limit of one segment: a paused endpoint cannot hold the log past it, and
+    // its history says what it lost.
+    let dir = tempfile::tempdir().unwrap();
+    let s = server_with(tight_log(dir.path(), Some(8192)), fast(true)).await;
+    let rx = Arc::new(Receiver::default());
+    let r = receiver_on(rx.clone(), "127.0.0.1:0").await;
+    let (id, _) = s
+        .create_hook(&format!("http://{}/hook", r.addr), json!({}))
+        .await;
+    s.post(&format!("/v1/webhooks/{id}/pause"), json!({})).await;
+    s.publish(300, "lost").await;
+    snapshot_twice(&s).await;
+    let first_seq = s.engine.log().first_seq();
+    assert!(first_seq > 100, "past the limit the log goes: {first_seq}");
+    s.post(&format!("/v1/webhooks/{id}/resume"), json!({}))
+        .await;
+    let path = format!("/v1/webhooks/{id}/deliveries");
+    let mut d = Value::Null;
+    for _ in 0..500 {
+        let (_, v) = s.get(&path).await;
+        d = v;
+        let expired = d["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["status"] == "expired");
+        if expired && !rx.delivered().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        d["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["status"] == "expired"),
+        "{d}"
+    );
+    let got = delivered_seqs(&rx);
+    assert!(
+        got.iter().all(|&q| q >= first_seq),
+        "only what the log still held: {got:?}, first_seq {first_seq}"
+    );
+    r.down().await;
     s.shutdown().await;
 }

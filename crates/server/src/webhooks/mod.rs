@@ -51,8 +51,10 @@ pub const DESCRIPTION_BYTES_LIMIT: usize = 1024;
 /// Attempts per event unless the endpoint says otherwise, and the most it may say.
 pub const MAX_ATTEMPTS_DEFAULT: u32 = 8;
 pub const MAX_ATTEMPTS_LIMIT: u32 = 20;
-/// Delivery attempts remembered per endpoint (the most recent; kept in memory).
+/// Delivery attempts remembered per endpoint (the most recent; saved with the endpoint).
 pub const HISTORY_LIMIT: usize = 1000;
+/// Longest error text kept in one history entry, in bytes (bounds the saved file).
+pub const HISTORY_ERROR_BYTES_LIMIT: usize = 512;
 /// Parked events remembered per endpoint (persisted); past it the oldest is forgotten.
 pub const PARKED_LIMIT: usize = 10_000;
 /// Most bytes of a receiver's response body read (the rest is discarded unread).
@@ -177,14 +179,15 @@ impl Registration {
     }
 }
 
-/// One delivery attempt (or a parking / gap note), as `GET …/deliveries` shows it.
-#[derive(Clone, Debug, Serialize)]
+/// One delivery attempt (or a parking / gap note), as `GET …/deliveries` shows it. The most
+/// recent [`HISTORY_LIMIT`] are saved with the endpoint, so they outlive a restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Delivery {
     pub seq: Seq,
     pub event_type: String,
     /// `delivered`, `failed` (will retry), `parked`, `gone` (410: endpoint disabled),
     /// `expired` (no longer in the log).
-    pub status: &'static str,
+    pub status: String,
     pub response_code: Option<u16>,
     pub latency_ms: u64,
     pub attempt: u32,
@@ -212,9 +215,13 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Endpoint {
     pub fn new(reg: Registration) -> Arc<Endpoint> {
+        Self::with_history(reg, VecDeque::new())
+    }
+
+    pub fn with_history(reg: Registration, history: VecDeque<Delivery>) -> Arc<Endpoint> {
         Arc::new(Endpoint {
             reg: Mutex::new(reg),
-            history: Mutex::new(VecDeque::new()),
+            history: Mutex::new(history),
             retry_queue: Mutex::new(VecDeque::new()),
             changes: watch::channel(0).0,
             deleted: AtomicBool::new(false),
@@ -231,7 +238,17 @@ impl Endpoint {
         !self.deleted.load(Ordering::Acquire) && lock(&self.reg).status == Status::Active
     }
 
-    pub fn record(&self, d: Delivery) {
+    pub fn record(&self, mut d: Delivery) {
+        if let Some(e) = &mut d.error {
+            if e.len() > HISTORY_ERROR_BYTES_LIMIT {
+                let mut cut = HISTORY_ERROR_BYTES_LIMIT;
+                while !e.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                e.truncate(cut);
+                e.push('…');
+            }
+        }
         let mut h = lock(&self.history);
         if h.len() >= HISTORY_LIMIT {
             h.pop_front();
@@ -294,8 +311,25 @@ impl Webhooks {
             shutdown: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
         });
-        for reg in loaded {
-            let ep = Endpoint::new(reg);
+        // Log retention keeps what an endpoint has not delivered or parked events it may
+        // retry (within the reader limit), paused and disabled endpoints included.
+        let weak = Arc::downgrade(&shared);
+        shared.engine.set_retention_hold(
+            "webhooks",
+            Box::new(move || {
+                let shared = weak.upgrade()?;
+                let eps: Vec<Arc<Endpoint>> = lock(&shared.endpoints).values().cloned().collect();
+                eps.iter()
+                    .map(|ep| {
+                        let reg = lock(&ep.reg);
+                        let next = reg.position + 1;
+                        reg.parked.first().map_or(next, |p| next.min(*p))
+                    })
+                    .min()
+            }),
+        );
+        for (reg, history) in loaded {
+            let ep = Endpoint::with_history(reg, history);
             let id = lock(&ep.reg).id.clone();
             lock(&shared.endpoints).insert(id, Arc::clone(&ep));
             shared.spawn_worker(ep);

@@ -1,8 +1,12 @@
 //! Webhook files: one `<id>.json` per endpoint under `<data_dir>/webhooks/` (directory 0700,
 //! files 0600 because they hold secrets), each replaced atomically with
-//! `quiver_log::write_atomic`. Owns nothing else; must never write a secret anywhere but here.
+//! `quiver_log::write_atomic`: the registration, its position and parked seqs, and its bounded
+//! delivery history (so `GET …/deliveries` shows the same after a restart). Owns nothing else;
+//! must never write a secret anywhere but here.
 
-use super::{lock, Endpoint, Registration, Shared, WebhookError};
+use super::{lock, Delivery, Endpoint, Registration, Shared, WebhookError, HISTORY_LIMIT};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -13,8 +17,26 @@ fn file_of(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.json"))
 }
 
-/// Every registration in `dir` (none if it does not exist yet).
-pub(crate) fn load_all(dir: &Path) -> Result<Vec<Registration>, WebhookError> {
+/// What one file holds. Files written before the history was saved have no `deliveries`.
+#[derive(Serialize)]
+struct Stored<'a> {
+    #[serde(flatten)]
+    reg: &'a Registration,
+    deliveries: &'a VecDeque<Delivery>,
+}
+
+#[derive(Deserialize)]
+struct Loaded {
+    #[serde(flatten)]
+    reg: Registration,
+    #[serde(default)]
+    deliveries: VecDeque<Delivery>,
+}
+
+/// Every registration in `dir` with its saved history (none if `dir` does not exist yet).
+pub(crate) fn load_all(
+    dir: &Path,
+) -> Result<Vec<(Registration, VecDeque<Delivery>)>, WebhookError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -32,9 +54,15 @@ pub(crate) fn load_all(dir: &Path) -> Result<Vec<Registration>, WebhookError> {
         let path = entry.path();
         let bytes = std::fs::read(&path)
             .map_err(|e| WebhookError::Store(format!("{}: {e}", path.display())))?;
-        let reg: Registration = serde_json::from_slice(&bytes)
+        let Loaded {
+            reg,
+            mut deliveries,
+        } = serde_json::from_slice(&bytes)
             .map_err(|e| WebhookError::Store(format!("{}: {e}", path.display())))?;
-        out.push(reg);
+        while deliveries.len() > HISTORY_LIMIT {
+            deliveries.pop_front();
+        }
+        out.push((reg, deliveries));
     }
     Ok(out)
 }
@@ -53,10 +81,14 @@ fn save_blocking(dir: &Path, ep: &Endpoint) -> Result<(), WebhookError> {
         return Ok(());
     }
     let (id, bytes) = {
-        let reg = lock(&ep.reg);
-        let bytes = serde_json::to_vec_pretty(&*reg)
-            .map_err(|e| WebhookError::Store(format!("cannot encode webhook {}: {e}", reg.id)))?;
-        (reg.id.clone(), bytes)
+        let reg = lock(&ep.reg).clone();
+        let history = lock(&ep.history).clone();
+        let bytes = serde_json::to_vec(&Stored {
+            reg: &reg,
+            deliveries: &history,
+        })
+        .map_err(|e| WebhookError::Store(format!("cannot encode webhook {}: {e}", reg.id)))?;
+        (reg.id, bytes)
     };
     ensure_dir(dir)?;
     quiver_log::write_atomic(&file_of(dir, &id), |w| {

@@ -152,13 +152,18 @@ pub(crate) async fn run(shared: Arc<Shared>, ep: Arc<Endpoint>) {
             Done::Parked => {
                 park(&shared, &ep, &frame);
                 advance(&ep, frame.seq);
-                dirty = true;
+                // A parked event is saved at once (with the history that explains it).
+                dirty = !save(&shared, &ep).await;
             }
             Done::Disabled => {
                 sub = None;
+                dirty = !save(&shared, &ep).await;
+            }
+            Done::Interrupted => {
+                sub = None;
+                // The attempts so far are in the history.
                 dirty = true;
             }
-            Done::Interrupted => sub = None,
         }
         if dirty && lock(&ep.last_saved).elapsed() >= shared.config.save_interval {
             dirty = !save(&shared, &ep).await;
@@ -194,7 +199,7 @@ fn skip_expired(ep: &Endpoint, position: Seq, first_seq: Seq) {
     ep.record(Delivery {
         seq: first_seq.saturating_sub(1),
         event_type: String::new(),
-        status: "expired",
+        status: "expired".into(),
         response_code: None,
         latency_ms: 0,
         attempt: 0,
@@ -297,7 +302,7 @@ async fn deliver(
         ep.record(Delivery {
             seq: frame.seq,
             event_type: frame.event_type().to_string(),
-            status,
+            status: status.into(),
             response_code: result.response_code,
             latency_ms: result.latency_ms,
             attempt,
@@ -315,7 +320,7 @@ async fn deliver(
                     ep.record(Delivery {
                         seq: frame.seq,
                         event_type: frame.event_type().to_string(),
-                        status: "parked",
+                        status: "parked".into(),
                         response_code: result.response_code,
                         latency_ms: 0,
                         attempt,
@@ -416,7 +421,7 @@ async fn retry_parked(
         ep.record(Delivery {
             seq,
             event_type: String::new(),
-            status: "expired",
+            status: "expired".into(),
             response_code: None,
             latency_ms: 0,
             attempt: 0,
