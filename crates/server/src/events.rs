@@ -631,7 +631,9 @@ fn publish_stream(s: AppState, ctx: WriteCtx, body: Body) -> ApiResult<Response>
                 (Ok(()), totals)
             })
         };
-        let read = crate::stream::read_lines(body, &raw_tx).await;
+        // Flush as soon as the body has nothing more ready: a publisher waiting for its ack
+        // sends nothing more, so waiting for a fuller group would only add latency.
+        let read = crate::stream::read_lines(body, &raw_tx, Duration::ZERO).await;
         drop(raw_tx);
         let _ = appender.await;
         let (replied, totals) = replier.await.unwrap_or_else(|e| {

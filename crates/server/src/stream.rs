@@ -37,7 +37,9 @@ pub const BATCH_BYTES_LIMIT: usize = 4 * 1024 * 1024;
 /// Reply chunks buffered before the server stops reading the request.
 pub const REPLY_CHUNKS_LIMIT: usize = 8;
 /// When the body pauses this long, the lines in hand are committed without waiting for more.
-const IDLE_FLUSH: Duration = Duration::from_millis(5);
+/// (Document ingest trades this much latency for bigger groups; event publishing, where each
+/// line is usually one publisher's only one in flight, flushes as soon as the body pauses.)
+pub(crate) const IDLE_FLUSH: Duration = Duration::from_millis(5);
 /// Most NDJSON uploads in progress at once (the handler returns before the upload ends, so
 /// the request concurrency limit does not bound them).
 pub const INGEST_STREAMS_LIMIT: usize = 64;
@@ -220,7 +222,7 @@ async fn pipeline(
         })
     };
 
-    let read = read_lines(body, &raw_tx).await;
+    let read = read_lines(body, &raw_tx, IDLE_FLUSH).await;
     drop(raw_tx);
     let _ = parse_stage.await;
     let _ = commit_stage.await;
@@ -244,6 +246,7 @@ async fn pipeline(
 pub(crate) async fn read_lines(
     body: Body,
     raw_tx: &tokio::sync::mpsc::Sender<Vec<(u64, RawLine)>>,
+    idle_flush: Duration,
 ) -> Result<(), String> {
     let mut stream = body.into_data_stream();
     let mut buf: Vec<u8> = Vec::new();
@@ -262,7 +265,7 @@ pub(crate) async fn read_lines(
         let next = if group.is_empty() {
             stream.next().await
         } else {
-            match tokio::time::timeout(IDLE_FLUSH, stream.next()).await {
+            match tokio::time::timeout(idle_flush, stream.next()).await {
                 Ok(n) => n,
                 Err(_) => {
                     send(std::mem::take(&mut group)).await?;
