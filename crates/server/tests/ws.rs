@@ -282,17 +282,30 @@ async fn near_subscription_pushes_only_close_matching_chunks() {
     let v = request(&mut ws, "sub", "subscribe", json!({"near": near})).await;
     assert_eq!(v["data"]["subscribed"], true, "{v}");
     let add = |id: &str, x: f32, lang: &str| json!({"id": id, "title": id, "chunks": [{"id": format!("{id}-1"), "text": "t", "embedding": [x, 0.0], "metadata": {"lang": lang}}]});
-    // Far; near but English; near and French (the one to arrive).
+    // Far; near but English; near and French (the one to arrive). The event may come before
+    // or after its add's reply, so every message is read here (`request` skips events).
     for (id, x, lang) in [("far", -1.0, "fr"), ("en", 1.0, "en"), ("fr", 0.9, "fr")] {
-        let r = request(&mut ws, id, "add", add(id, x, lang)).await;
-        assert_eq!(r["success"], true, "{r}");
+        let msg = json!({"action": "add", "request_id": id, "data": add(id, x, lang)});
+        ws.send(Message::Text(msg.to_string().into()))
+            .await
+            .unwrap();
     }
-    let event = loop {
+    let (mut replies, mut events) = (Vec::new(), Vec::new());
+    while replies.len() < 3 || events.is_empty() {
         let v = next_json(&mut ws).await;
-        if v["type"] == "event" {
-            break v;
+        match v["type"].as_str() {
+            Some("response") => {
+                assert_eq!(v["success"], true, "{v}");
+                replies.push(v);
+            }
+            Some("event") => events.push(v),
+            _ => panic!("unexpected message {v}"),
         }
-    };
+    }
+    // Events come in seq order and "fr" was written last: had "far" or "en" been pushed,
+    // it would have come before, so exactly one event means they were passed over.
+    assert_eq!(events.len(), 1, "{events:?}");
+    let event = events.remove(0);
     assert_eq!(event["event_type"], "document.added");
     assert_eq!(event["data"]["document_id"], "fr", "{event}");
     assert_eq!(event["near"]["chunk_id"], "fr-1");
