@@ -102,17 +102,12 @@ async fn sigkill_mid_import_then_restart_completes_it() {
     let c = reqwest::Client::new();
     let server = launch(dir.path());
     let base = server.base.clone();
-    let r = c
-        .post(format!("{base}/v1/libraries"))
-        .json(&json!({"name": "crash", "dimension": 4, "metric": "l2"}))
-        .send()
-        .await
-        .expect("create");
-    assert_eq!(r.status(), 201);
-    let lib = r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let lib = create_library(
+        &c,
+        &base,
+        json!({"name": "crash", "dimension": 4, "metric": "l2"}),
+    )
+    .await;
     // Every other line has no id: those get `<job id>-<line>`, so a resumed run that redoes
     // some lines cannot create duplicates.
     let body: String = (0..LINES)
@@ -233,17 +228,7 @@ async fn sigkill_mid_reembedding_then_restart_completes_it() {
     let c = reqwest::Client::new();
     let server = launch_with(dir.path(), &args);
     let base = server.base.clone();
-    let r = c
-        .post(format!("{base}/v1/libraries"))
-        .json(&json!({"name": "re", "embedding_model": POTION}))
-        .send()
-        .await
-        .expect("create");
-    assert_eq!(r.status(), 201);
-    let lib = r.json::<Value>().await.expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let lib = create_library(&c, &base, json!({"name": "re", "embedding_model": POTION})).await;
     let body: String = (0..DOCS)
         .map(|i| {
             json!({"id": format!("n{i:03}"), "title": format!("note {i}"),
@@ -320,4 +305,19 @@ async fn sigkill_mid_reembedding_then_restart_completes_it() {
         );
     }
     drop(server);
+}
+
+/// Creates a library from `body`; its id.
+async fn create_library(c: &reqwest::Client, base: &str, body: Value) -> String {
+    let r = c
+        .post(format!("{base}/v1/libraries"))
+        .json(&body)
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string()
 }

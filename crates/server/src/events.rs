@@ -13,6 +13,7 @@ use crate::bus::{
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiJson, Ctx};
 use crate::slots::Slots;
+use crate::stream::NDJSON;
 use crate::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
@@ -560,7 +561,6 @@ static EVENT_STREAMS: Slots = Slots::new(EVENT_STREAMS_LIMIT);
 /// Groups appended but not yet answered, per upload (the pipeline between appending a group
 /// and replying once it is durable).
 const EVENT_GROUPS_IN_FLIGHT_LIMIT: usize = 8;
-const NDJSON: &str = "application/x-ndjson";
 
 /// One line's outcome: its number and its seq or its error (status, code, detail).
 type LineOutcome = (u64, Result<Seq, (u16, String, String)>);

@@ -47,7 +47,7 @@ static INGEST_STREAMS: Slots = Slots::new(INGEST_STREAMS_LIMIT);
 /// Largest `k` for streamed search.
 pub const STREAM_K_LIMIT: usize = 10_000;
 
-const NDJSON: &str = "application/x-ndjson";
+pub(crate) const NDJSON: &str = "application/x-ndjson";
 
 fn ndjson(body: Body) -> Response {
     let mut r = Response::new(body);

@@ -137,8 +137,8 @@ async fn search(c: &Client, base: &str, lib: &str, q: &[f32]) -> Vec<(String, St
         .collect()
 }
 
-/// The `job.*` event types of one job, in log order.
-fn events_of(engine: &Engine, id: &str) -> Vec<String> {
+/// Every durable record of the log, in seq order.
+fn log_records(engine: &Engine) -> Vec<quiver_model::Record> {
     // Reads see a change up to one group commit before it is durable; the log shows durable
     // records only.
     engine
@@ -154,17 +154,22 @@ fn events_of(engine: &Engine, id: &str) -> Vec<String> {
         }
         for (seq, payload) in batch {
             next = seq + 1;
-            let rec = quiver_model::Record::decode(&payload).expect("decode");
-            if let quiver_model::record::Change::AppEvent {
-                event_type, data, ..
-            } = rec.change
-            {
-                if data["job_id"] == id {
-                    out.push(event_type);
-                }
-            }
+            out.push(quiver_model::Record::decode(&payload).expect("decode"));
         }
     }
+}
+
+/// The `job.*` event types of one job, in log order.
+fn events_of(engine: &Engine, id: &str) -> Vec<String> {
+    log_records(engine)
+        .into_iter()
+        .filter_map(|rec| match rec.change {
+            quiver_model::record::Change::AppEvent {
+                event_type, data, ..
+            } if data["job_id"] == id => Some(event_type),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -1012,25 +1017,11 @@ async fn vector_lengths(c: &Client, base: &str, lib: &str, ids: &[String]) -> Ve
 
 /// Every event type of `library`, in log order.
 fn library_events(engine: &Engine, library: &str) -> Vec<String> {
-    engine
-        .log()
-        .wait_durable(engine.log().last_assigned_seq())
-        .expect("durable");
-    let mut out = Vec::new();
-    let mut next = 1;
-    loop {
-        let batch = engine.log().read_from(next, 4096, 64 << 20).expect("read");
-        if batch.is_empty() {
-            return out;
-        }
-        for (seq, payload) in batch {
-            next = seq + 1;
-            let rec = quiver_model::Record::decode(&payload).expect("decode");
-            if rec.change.library_id() == Some(library) {
-                out.push(rec.change.event_type().to_string());
-            }
-        }
-    }
+    log_records(engine)
+        .into_iter()
+        .filter(|rec| rec.change.library_id() == Some(library))
+        .map(|rec| rec.change.event_type().to_string())
+        .collect()
 }
 
 /// `regenerate_embeddings` with `embedding_model` moves a library to another model and
