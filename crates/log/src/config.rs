@@ -26,6 +26,8 @@ pub const RECORD_SIZE_BYTES_MAX: u32 = 1 << 30;
 pub const QUEUE_RECORDS_DEFAULT: usize = 16_384;
 /// Largest accepted queue limit.
 pub const QUEUE_RECORDS_MAX: usize = 1 << 22;
+/// Largest in-memory cache of recent records one can configure.
+pub const RECENT_BYTES_MAX: usize = 1 << 30;
 /// Largest accepted fsync interval.
 pub const FSYNC_INTERVAL_MAX: Duration = Duration::from_secs(3600);
 
@@ -271,6 +273,9 @@ pub struct LogConfig {
     pub record_size_bytes_limit: u32,
     /// Records that may wait for the writer; `append` blocks beyond this.
     pub queue_records_limit: usize,
+    /// Payload bytes of the newest records kept in memory for readers near the tail (0 turns
+    /// the cache off; every read then goes to the files).
+    pub recent_bytes_limit: usize,
 }
 
 impl LogConfig {
@@ -283,6 +288,7 @@ impl LogConfig {
             segment_size_bytes_limit: SEGMENT_SIZE_BYTES_DEFAULT,
             record_size_bytes_limit: RECORD_SIZE_BYTES_DEFAULT,
             queue_records_limit: QUEUE_RECORDS_DEFAULT,
+            recent_bytes_limit: crate::recent::RECENT_BYTES_LIMIT_DEFAULT,
         }
     }
 
@@ -316,6 +322,14 @@ impl LogConfig {
                 self.queue_records_limit as u64,
                 1,
                 QUEUE_RECORDS_MAX as u64,
+            ));
+        }
+        if self.recent_bytes_limit > RECENT_BYTES_MAX {
+            return Err(range_error(
+                "recent_bytes_limit",
+                self.recent_bytes_limit as u64,
+                0,
+                RECENT_BYTES_MAX as u64,
             ));
         }
         if let FsyncPolicy::Interval(interval) = self.fsync {

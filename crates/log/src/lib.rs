@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod frame;
 mod log;
+mod recent;
 mod recovery;
 pub mod segment;
 mod writer;
@@ -33,6 +34,7 @@ pub use config::{FsyncPolicy, LogConfig, Retention};
 pub use error::{LogError, ParseError};
 pub use frame::DecodeResult;
 pub use log::{FileLog, LogStats, Recovery, LOCK_FILE_NAME};
+pub use recent::{RECENT_BYTES_LIMIT_DEFAULT, RECENT_RECORDS_LIMIT};
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,7 @@
 
 use crate::config::{FsyncPolicy, LogConfig, Retention};
 use crate::error::LogError;
+use crate::recent::Recent;
 use crate::recovery;
 use crate::segment::{IndexBuilder, ReadEnd, ReadError, ReadLimits, Segment};
 use crate::writer::{Batch, Writer};
@@ -83,6 +84,8 @@ pub(crate) struct Shared {
     queue_space: Condvar,
     watch_sender: Mutex<Option<watch::Sender<Seq>>>,
     watch_receiver: watch::Receiver<Seq>,
+    /// The newest written records, for readers near the tail.
+    pub(crate) recent: Mutex<Recent>,
 }
 
 impl Shared {
@@ -229,6 +232,7 @@ impl FileLog {
             queue_space: Condvar::new(),
             watch_sender: Mutex::new(Some(watch_sender)),
             watch_receiver,
+            recent: Mutex::new(Recent::new(config.recent_bytes_limit)),
             config,
         });
         // Each batch holds at least one record and queued records are
@@ -409,10 +413,19 @@ impl FileLog {
                 first_available,
             });
         }
-        let mut out = Vec::new();
         if from > limits.durable_seq || max_records == 0 {
+            return Ok(Vec::new());
+        }
+        if let Some(out) =
+            self.shared
+                .recent
+                .lock()
+                .read(from, limits.durable_seq, max_records, max_bytes)
+        {
+            debug_assert!(out.first().is_some_and(|(s, _)| *s == from));
             return Ok(out);
         }
+        let mut out = Vec::new();
         let mut bytes_total = 0usize;
         let mut next = from;
         let mut previous_end: Option<(Arc<Segment>, u64)> = None;
@@ -451,6 +464,28 @@ impl FileLog {
                 Err(ReadError::Log(error)) => return Err(error),
             }
         }
+    }
+
+    /// Like [`FileLog::read_from`], but only from the in-memory ring of the newest records:
+    /// `None` when `from` is not there (older, or the ring is off), so the caller can read the
+    /// files off its async threads. Never blocks on I/O.
+    pub fn read_recent(
+        &self,
+        from: Seq,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<(Seq, Vec<u8>)>> {
+        let durable_seq = self.durable_seq();
+        if from < self.first_seq() {
+            return None;
+        }
+        if from > durable_seq || max_records == 0 {
+            return Some(Vec::new());
+        }
+        self.shared
+            .recent
+            .lock()
+            .read(from, durable_seq, max_records, max_bytes)
     }
 
     /// A reader raced a retention delete: what it already read is valid;

@@ -101,8 +101,8 @@ impl Writer {
                 }
             }
             self.shared.release_queue(group_records);
-            self.write_group(&group)?;
-            group.clear();
+            self.write_group(&mut group)?;
+            assert!(group.is_empty(), "write_group takes every batch");
         }
         // Closing: every sender is gone and the queue is drained.
         if self.unsynced {
@@ -111,13 +111,15 @@ impl Writer {
         Ok(())
     }
 
-    fn write_group(&mut self, group: &[Batch]) -> Result<(), LogError> {
+    /// Writes (and syncs, per policy) every batch of `group`, hands the payloads to the
+    /// recent-records ring, then publishes the new durable seq. Empties `group`.
+    fn write_group(&mut self, group: &mut Vec<Batch>) -> Result<(), LogError> {
         let segment_limit = self.shared.config.segment_size_bytes_limit;
         let record_limit = self.shared.config.record_size_bytes_limit as usize;
         let fsync = self.shared.config.fsync;
         assert!(self.buf.is_empty());
         let mut records: u64 = 0;
-        for batch in group {
+        for batch in group.iter() {
             assert_eq!(
                 batch.first_seq, self.next_seq,
                 "batches arrive in seq order"
@@ -159,6 +161,16 @@ impl Writer {
         let stats = &self.shared.stats;
         stats.appended_records.fetch_add(records, Ordering::Relaxed);
         stats.groups.fetch_add(1, Ordering::Relaxed);
+        // Into the ring before the durable seq moves, so a reader that sees the new durable
+        // seq finds every record up to it in the ring (or older ones in the files).
+        {
+            let mut recent = self.shared.recent.lock();
+            for batch in group.drain(..) {
+                for (i, payload) in batch.payloads.into_iter().enumerate() {
+                    recent.push(batch.first_seq + i as u64, payload);
+                }
+            }
+        }
         self.shared.publish_durable(self.next_seq - 1);
         if self.buf.capacity() > 2 * GROUP_BYTES_LIMIT {
             self.buf = Vec::new();

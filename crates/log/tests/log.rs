@@ -677,3 +677,56 @@ fn sync_through_fsyncs_under_every_policy() {
         "a seq never assigned cannot be synced"
     );
 }
+
+/// Reads near the tail come from the in-memory ring of recent records; older ones, and every
+/// read after a reopen, from the files. Both must give the same records, including pages that
+/// start in the files and would continue in the ring.
+#[test]
+fn recent_ring_reads_equal_file_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    // Small enough that the first records leave the ring.
+    config.recent_bytes_limit = 2000;
+    let (log, _) = FileLog::open(config.clone()).unwrap();
+    append_range(&log, 1..=150);
+    log.wait_durable(150).unwrap();
+    // Every start, every page shape: from the ring where it holds `from`, else the files.
+    let through_ring: Vec<Vec<(Seq, Vec<u8>)>> = (1..=151)
+        .map(|from| log.read_from(from, 7, 300).unwrap())
+        .collect();
+    assert!(
+        log.read_recent(1, 10, 1000).is_none(),
+        "seq 1 left the ring"
+    );
+    let recent = log
+        .read_recent(150, 10, 1000)
+        .expect("the newest record is in the ring");
+    assert_eq!(recent, vec![(150, payload(150))]);
+    assert_records(&read_all(&log, 1), 1, 150);
+    log.close().unwrap();
+    drop(log);
+
+    let (log, _) = FileLog::open(config).unwrap();
+    assert!(
+        log.read_recent(150, 10, 1000).is_none(),
+        "a reopened log's ring is empty"
+    );
+    for (i, page) in through_ring.iter().enumerate() {
+        let from = i as Seq + 1;
+        assert_eq!(
+            page,
+            &log.read_from(from, 7, 300).unwrap(),
+            "page from {from}"
+        );
+    }
+    // Off: every read goes to the files.
+    log.close().unwrap();
+    drop(log);
+    let mut off = small_config(dir.path());
+    off.recent_bytes_limit = 0;
+    let (log, _) = FileLog::open(off).unwrap();
+    append_range(&log, 151..=160);
+    log.wait_durable(160).unwrap();
+    assert!(log.read_recent(160, 10, 1000).is_none());
+    assert_records(&read_all(&log, 1), 1, 160);
+}
