@@ -108,10 +108,11 @@ impl Registry {
 
     /// Every consumer, by name.
     /// The oldest seq any consumer still needs (see [`Consumer::oldest_needed`]).
-    pub fn oldest_needed(&self) -> Option<Seq> {
+    /// The oldest seq any consumer still needs, and that consumer's name.
+    pub fn oldest_needed(&self) -> Option<(Seq, String)> {
         lock(&self.consumers)
             .values()
-            .map(|c| c.oldest_needed())
+            .map(|c| (c.oldest_needed(), c.name().to_string()))
             .min()
     }
 

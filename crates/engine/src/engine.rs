@@ -27,6 +27,7 @@ use quiver_model::limits::{CHUNKS_PER_DOCUMENT_LIMIT, LIBRARIES_LIMIT, SEARCH_K_
 use quiver_model::record::Change;
 use quiver_model::validate::{self, Invalid};
 use quiver_model::{time, Document, IndexType, Library, Metric, Record, RecordMeta};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -139,7 +140,9 @@ pub struct EngineStats {
 }
 
 /// Reports the oldest `seq` a durable reader still needs (`None`: nothing held).
-pub type RetentionHold = Box<dyn Fn() -> Option<Seq> + Send + Sync>;
+/// Reports the oldest seq one kind of durable reader still needs, and which reader of that kind
+/// needs it (e.g. a consumer group's name), or `None` when it needs nothing.
+pub type RetentionHold = Box<dyn Fn() -> Option<(Seq, String)> + Send + Sync>;
 
 pub struct Engine {
     config: EngineConfig,
@@ -297,12 +300,13 @@ impl Engine {
         self.holds.lock().insert(name.to_string(), hold);
     }
 
-    /// The oldest seq any durable reader still needs, and who holds it.
+    /// The oldest seq any durable reader still needs, and who holds it (`"<kind> <reader>"`,
+    /// e.g. `consumers orders-worker`): the answer to "why is the log not shrinking".
     pub fn retention_hold(&self) -> Option<(Seq, String)> {
         let holds = self.holds.lock();
         holds
             .iter()
-            .filter_map(|(name, f)| f().map(|s| (s, name.clone())))
+            .filter_map(|(kind, f)| f().map(|(s, reader)| (s, format!("{kind} {reader}"))))
             .min()
     }
 
@@ -917,20 +921,95 @@ impl Engine {
         data: serde_json::Value,
     ) -> Result<Committed<()>> {
         validate_event_type(event_type)?;
-        let size_bytes = serde_json::to_vec(&data)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
-        if size_bytes > EVENT_DATA_BYTES_LIMIT {
-            return Err(EngineError::Invalid(Invalid::too_large(
-                "event_too_large",
-                format!("event data is {size_bytes} bytes as JSON; the limit is {EVENT_DATA_BYTES_LIMIT}"),
-            )));
-        }
+        check_event_data_size(&data)?;
         let library_id = match library {
             Some(l) => Some(self.library_for_write(l)?.id),
             None => None,
         };
         self.commit_event(ctx, event_type.to_string(), library_id, data, true)
+    }
+
+    /// Appends many application events in one commit (one log append, one group of records),
+    /// in order: each event gets its own outcome, its seq or why it was refused, and a refused
+    /// one costs only itself. Why one commit: a pipelined publisher (NDJSON) hands the server
+    /// dozens of events at once, and a commit per event spent most of its time on the write
+    /// lock and the log's queue rather than on the events.
+    pub fn append_events(&self, ctx: &WriteCtx, events: Vec<AppEventInput>) -> Vec<Result<Seq>> {
+        // Checks that need no lock happen before it, so the write lock is held only to check
+        // libraries and append.
+        let checked: Vec<Result<AppEventInput>> = events
+            .into_iter()
+            .map(|e| {
+                validate_event_type(&e.event_type)?;
+                check_event_data_size(&e.data)?;
+                Ok(e)
+            })
+            .collect();
+        let total = checked.len();
+        // Names resolved to ids once per batch (a batch usually names one library or none).
+        let mut library_ids: HashMap<String, String> = HashMap::new();
+        let mut planned: Vec<Result<AppEventInput>> = Vec::with_capacity(total);
+        for c in checked {
+            planned.push(c.and_then(|mut e| {
+                if let Some(name) = e.library_id.take() {
+                    let id = match library_ids.get(&name) {
+                        Some(id) => id.clone(),
+                        None => {
+                            let id = self.library_for_write(&name)?.id;
+                            library_ids.insert(name, id.clone());
+                            id
+                        }
+                    };
+                    e.library_id = Some(id);
+                }
+                Ok(e)
+            }));
+        }
+        let committed = self.commit(
+            ctx,
+            |cat, _| {
+                let mut changes = Vec::with_capacity(total);
+                // Per event: its index among the changes, or its error.
+                let mut slots: Vec<Result<usize>> = Vec::with_capacity(total);
+                for p in planned {
+                    slots.push(p.and_then(|e| {
+                        if let Some(id) = &e.library_id {
+                            if cat.shard(id).is_none() {
+                                return Err(EngineError::not_found("library", id.clone()));
+                            }
+                        }
+                        changes.push(Change::AppEvent {
+                            event_type: e.event_type,
+                            library_id: e.library_id,
+                            data: e.data,
+                        });
+                        Ok(changes.len() - 1)
+                    }));
+                }
+                Ok((changes, slots))
+            },
+            |_, slots, first| {
+                slots
+                    .into_iter()
+                    .map(|s| s.map(|i| first + i as u64))
+                    .collect::<Vec<_>>()
+            },
+        );
+        match committed {
+            Ok(c) => c.value,
+            // The append itself failed (the log is closed or failed): every event shares it.
+            Err(e) => {
+                let detail = e.to_string();
+                let mut first = Some(e);
+                (0..total)
+                    .map(|_| {
+                        Err(first.take().unwrap_or_else(|| {
+                            EngineError::Log(quiver_log::LogError::Failed(detail.clone()))
+                        }))
+                    })
+                    .collect()
+            }
+        }
     }
 
     /// Appends an event of a system type (e.g. `batch.started`) on behalf of a Quiver feature.
@@ -1697,6 +1776,47 @@ pub const DEFAULT_EMBEDDING_MODEL: &str = "local:all-minilm-l6-v2";
 
 /// Largest application event payload, in bytes of JSON.
 pub const EVENT_DATA_BYTES_LIMIT: usize = 64 * 1024;
+
+/// One application event for [`Engine::append_events`].
+#[derive(Debug, Clone)]
+pub struct AppEventInput {
+    pub event_type: String,
+    /// A library name or id (resolved to the id); `None` for an event about no library.
+    pub library_id: Option<String>,
+    pub data: serde_json::Value,
+}
+
+/// Refuses event data larger than [`EVENT_DATA_BYTES_LIMIT`] as compact JSON (counted without
+/// building the JSON text).
+fn check_event_data_size(data: &serde_json::Value) -> Result<()> {
+    let mut counter = ByteCounter(0);
+    let size_bytes = match serde_json::to_writer(&mut counter, data) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
+    };
+    if size_bytes > EVENT_DATA_BYTES_LIMIT {
+        return Err(EngineError::Invalid(Invalid::too_large(
+            "event_too_large",
+            format!(
+                "event data is {size_bytes} bytes as JSON; the limit is {EVENT_DATA_BYTES_LIMIT}"
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// An `io::Write` that only counts.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 = self.0.saturating_add(buf.len());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 /// Event type prefixes that only the system writes.
 pub const RESERVED_EVENT_PREFIXES: &[&str] = &[
     "library.",

@@ -33,6 +33,27 @@ pub struct Event {
     pub trace_id: Option<String>,
 }
 
+/// The event of the record at `seq`, taking the record (an application event's data moves into
+/// the event instead of being copied: the bus decodes every record once just for this).
+pub fn into_event(seq: Seq, record: Record) -> Event {
+    let library_id = record.change.library_id().map(str::to_string);
+    let (event_type, data) = match record.change {
+        Change::AppEvent {
+            event_type, data, ..
+        } => (event_type, data),
+        other => type_and_data(&other),
+    };
+    Event {
+        seq,
+        event_type,
+        library_id,
+        timestamp_ms: record.meta.timestamp_ms,
+        data,
+        source: record.meta.source,
+        trace_id: record.meta.trace_id,
+    }
+}
+
 /// The event of the record at `seq`.
 pub fn event_of(seq: Seq, record: &Record) -> Event {
     let (event_type, data) = type_and_data(&record.change);
@@ -195,8 +216,13 @@ impl Event {
 
     /// The envelope as compact JSON bytes (no newline inside, so it is one SSE `data:` line).
     pub fn envelope_bytes(&self) -> Vec<u8> {
+        // Sized for a typical envelope up front, so it is not regrown byte by byte.
+        let mut out = Vec::with_capacity(512);
         // Serialising borrowed strings and a `Value` cannot fail.
-        serde_json::to_vec(&self.envelope()).unwrap_or_default()
+        match serde_json::to_writer(&mut out, &self.envelope()) {
+            Ok(()) => out,
+            Err(_) => Vec::new(),
+        }
     }
 
     /// The CloudEvents 1.0 structured rendering as a value.

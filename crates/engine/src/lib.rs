@@ -29,7 +29,8 @@ mod snapshot;
 pub mod state;
 
 pub use engine::{
-    Committed, Engine, EngineConfig, EngineStats, Hit, ItemOutcome, LibraryInfo, WriteCtx,
+    AppEventInput, Committed, Engine, EngineConfig, EngineStats, Hit, ItemOutcome, LibraryInfo,
+    WriteCtx,
 };
 pub use error::{EngineError, Result};
 pub use quiver_log::{FsyncPolicy, Retention, Seq};

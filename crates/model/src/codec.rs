@@ -56,9 +56,18 @@ impl Writer {
         }
     }
     pub fn json(&mut self, v: &Value) {
-        // Serialising a `Value` cannot fail (no non-string keys, no custom Serialize).
-        let s = serde_json::to_vec(v).unwrap_or_else(|_| b"null".to_vec());
-        self.bytes(&s);
+        // Serialised straight into the buffer behind a length placeholder (no temporary copy:
+        // application events are mostly this field). Serialising a `Value` cannot fail (no
+        // non-string keys, no custom Serialize); if it did, the field would be `null`.
+        let at = self.buf.len();
+        self.u32(0);
+        if serde_json::to_writer(&mut self.buf, v).is_err() {
+            self.buf.truncate(at + 4);
+            self.buf.extend_from_slice(b"null");
+        }
+        let len = self.buf.len() - at - 4;
+        assert!(len <= u32::MAX as usize, "field larger than 4 GiB");
+        self.buf[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
     }
     pub fn map(&mut self, m: &Map<String, Value>) {
         let s = serde_json::to_vec(m).unwrap_or_else(|_| b"{}".to_vec());

@@ -15,14 +15,14 @@
 //! subscriber must be able to trust "I saw seq N" to mean "I saw everything up to N".
 
 use axum::body::Bytes;
-use quiver_engine::events::{event_of, Event};
+use quiver_engine::events::{into_event, Event};
 use quiver_engine::Engine;
 use quiver_log::{FileLog, LogError, Seq};
 use quiver_model::time::now_ms;
 use quiver_model::Record;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
@@ -37,6 +37,14 @@ pub const SUBSCRIBERS_LIMIT: usize = 10_000;
 pub const PAGE_RECORDS_LIMIT: usize = 256;
 /// About the most payload bytes one log read returns (at least one record).
 pub const PAGE_BYTES_LIMIT: usize = 1 << 20;
+/// A page read from the log's in-memory ring and decoded on an async thread is smaller (about
+/// 100 µs of decoding), so other tasks on that thread wait no longer than that.
+const INLINE_PAGE_RECORDS_LIMIT: usize = 64;
+const INLINE_PAGE_BYTES_LIMIT: usize = 64 * 1024;
+/// Stream writers gather events for up to this many ms before a write...
+pub const COALESCE_MS_MAX: u64 = 20;
+/// ...one ms per this many subscribers (so 49 never wait, 100 wait 2 ms, 1,000 wait 20 ms).
+pub const COALESCE_SUBSCRIBERS_PER_MS: u64 = 50;
 /// Delivery latency is summarised over this window (the current one and the one before).
 pub const LATENCY_WINDOW_MS: u64 = 60_000;
 /// Latencies below this many ms have a bucket each; above, one bucket per power of two.
@@ -79,7 +87,7 @@ impl EventFrame {
     /// Decodes the record at `seq` and renders its event.
     pub fn decode(seq: Seq, payload: &[u8]) -> Result<Self, String> {
         let record = Record::decode(payload).map_err(|e| e.to_string())?;
-        Ok(EventFrame::new(event_of(seq, &record)))
+        Ok(EventFrame::new(into_event(seq, record)))
     }
 
     pub fn event_type(&self) -> &str {
@@ -335,7 +343,12 @@ pub struct SubscriberGuard {
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
-        lock(&self.inner.subscribers).remove(&self.slot.id);
+        if lock(&self.inner.subscribers)
+            .remove(&self.slot.id)
+            .is_some()
+        {
+            self.inner.subscriber_count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -408,6 +421,11 @@ impl Latency {
     }
 
     fn record(&self, now_ms: u64, latency_ms: u64) {
+        self.record_n(now_ms, latency_ms, 1);
+    }
+
+    /// Records `count` deliveries that each took `latency_ms`.
+    fn record_n(&self, now_ms: u64, latency_ms: u64, count: u64) {
         let window = now_ms / LATENCY_WINDOW_MS;
         let w = &self.windows[(window % 2) as usize];
         let held = w.window.load(Ordering::Acquire);
@@ -423,8 +441,9 @@ impl Latency {
             }
             w.sum_ms.store(0, Ordering::Relaxed);
         }
-        w.buckets[latency_bucket(latency_ms)].fetch_add(1, Ordering::Relaxed);
-        w.sum_ms.fetch_add(latency_ms, Ordering::Relaxed);
+        w.buckets[latency_bucket(latency_ms)].fetch_add(count, Ordering::Relaxed);
+        w.sum_ms
+            .fetch_add(latency_ms.saturating_mul(count), Ordering::Relaxed);
     }
 
     fn summary(&self, now_ms: u64) -> LatencySummary {
@@ -525,6 +544,8 @@ struct Inner {
     stopped_tx: tokio::sync::watch::Sender<bool>,
     subscribers_limit: usize,
     subscribers: Mutex<HashMap<u64, Arc<SubscriberSlot>>>,
+    /// `subscribers.len()`, readable without the lock (writers size their coalescing by it).
+    subscriber_count: AtomicUsize,
     next_subscriber_id: AtomicU64,
     total_published: AtomicU64,
     total_delivered: AtomicU64,
@@ -538,6 +559,22 @@ struct Inner {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counts one event of `event_type`, under `"other"` once [`EVENT_TYPES_TRACKED_LIMIT`] types
+/// are tracked.
+fn count_type(by_type: &mut BTreeMap<String, u64>, event_type: &str) {
+    let key = if by_type.contains_key(event_type) || by_type.len() < EVENT_TYPES_TRACKED_LIMIT {
+        event_type
+    } else {
+        "other"
+    };
+    match by_type.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            by_type.insert(key.to_string(), 1);
+        }
+    }
 }
 
 /// One page of the log, decoded.
@@ -572,6 +609,10 @@ impl Inner {
                 }
                 BusError::from(e)
             })?;
+        Ok(self.decode_page(records))
+    }
+
+    fn decode_page(&self, records: Vec<(Seq, Vec<u8>)>) -> Page {
         let end_seq = records.last().map(|(seq, _)| *seq);
         let mut frames = Vec::with_capacity(records.len());
         for (seq, payload) in records {
@@ -583,10 +624,18 @@ impl Inner {
                 }
             }
         }
-        Ok(Page { frames, end_seq })
+        Page { frames, end_seq }
     }
 
     async fn read_page(self: &Arc<Self>, from: Seq) -> Result<Page, BusError> {
+        // Near the tail the page is in the log's memory: decode it here, a small page so the
+        // async thread is not held long, without a hop to the blocking pool.
+        if let Some(records) =
+            self.log
+                .read_recent(from, INLINE_PAGE_RECORDS_LIMIT, INLINE_PAGE_BYTES_LIMIT)
+        {
+            return Ok(self.decode_page(records));
+        }
         let inner = Arc::clone(self);
         tokio::task::spawn_blocking(move || inner.read_page_blocking(from))
             .await
@@ -603,21 +652,7 @@ impl Inner {
     }
 
     fn count_published(&self, event_type: &str) {
-        {
-            let mut by_type = lock(&self.events_by_type);
-            let key =
-                if by_type.contains_key(event_type) || by_type.len() < EVENT_TYPES_TRACKED_LIMIT {
-                    event_type
-                } else {
-                    "other"
-                };
-            match by_type.get_mut(key) {
-                Some(n) => *n += 1,
-                None => {
-                    by_type.insert(key.to_string(), 1);
-                }
-            }
-        }
+        count_type(&mut lock(&self.events_by_type), event_type);
         self.total_published.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -657,14 +692,27 @@ impl Inner {
         Ok(records.last().map(|(seq, _)| *seq))
     }
 
-    fn publish(&self, frame: Arc<EventFrame>) {
-        self.count_published(frame.event_type());
-        let seq = frame.seq;
-        if let Some(sender) = lock(&self.sender).as_ref() {
-            // No receivers is fine: nobody is listening right now.
-            let _ = sender.send(frame);
+    /// Publishes a page of frames in order: one lock of the counters and one of the sender
+    /// per page, not per event.
+    fn publish(&self, frames: Vec<Arc<EventFrame>>) {
+        let Some(last_seq) = frames.last().map(|f| f.seq) else {
+            return;
+        };
+        {
+            let mut by_type = lock(&self.events_by_type);
+            for frame in &frames {
+                count_type(&mut by_type, frame.event_type());
+            }
         }
-        self.published_seq.store(seq, Ordering::Release);
+        self.total_published
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        if let Some(sender) = lock(&self.sender).as_ref() {
+            for frame in frames {
+                // No receivers is fine: nobody is listening right now.
+                let _ = sender.send(frame);
+            }
+        }
+        self.published_seq.store(last_seq, Ordering::Release);
     }
 }
 
@@ -700,6 +748,7 @@ impl Bus {
             stopped_tx: tokio::sync::watch::channel(false).0,
             subscribers_limit: config.subscribers_limit.min(SUBSCRIBERS_LIMIT),
             subscribers: Mutex::new(HashMap::new()),
+            subscriber_count: AtomicUsize::new(0),
             next_subscriber_id: AtomicU64::new(1),
             total_published: AtomicU64::new(0),
             total_delivered: AtomicU64::new(0),
@@ -771,6 +820,7 @@ impl Bus {
             connected_at_ms: now_ms(),
         });
         subscribers.insert(id, Arc::clone(&slot));
+        self.inner.subscriber_count.fetch_add(1, Ordering::Relaxed);
         Ok(SubscriberGuard {
             inner: Arc::clone(&self.inner),
             slot,
@@ -955,9 +1005,7 @@ async fn tail(inner: Arc<Inner>, mut next: Seq) {
             match inner.read_page(next).await {
                 Ok(page) => {
                     let Some(end_seq) = page.end_seq else { break };
-                    for frame in page.frames {
-                        inner.publish(frame);
-                    }
+                    inner.publish(page.frames);
                     next = end_seq + 1;
                     inner.published_seq.store(end_seq, Ordering::Release);
                 }
@@ -1042,6 +1090,17 @@ impl Subscription {
         }
     }
 
+    /// How long a stream writer should let events gather after the first one before it
+    /// writes, in ms: none with few subscribers (latency first), up to
+    /// [`COALESCE_MS_MAX`] with many. Why: with a thousand subscribers, a write per event per
+    /// subscriber is a million writes and task wakes a second at 1,000 events/s — more than
+    /// the machine has, so latency would grow without bound; a few ms of gathering makes it a
+    /// write per subscriber per tick.
+    pub fn coalesce_ms(&self) -> u64 {
+        let subscribers = self.inner.subscriber_count.load(Ordering::Relaxed) as u64;
+        (subscribers / COALESCE_SUBSCRIBERS_PER_MS).min(COALESCE_MS_MAX)
+    }
+
     /// The next matching event if one is at hand without waiting or reading the log (a
     /// frame already received, or one waiting on the live tail); `None` otherwise. A writer
     /// uses it to put every event that is ready into one write.
@@ -1115,6 +1174,35 @@ impl Subscription {
             .record_delivery(frame, frame.seq > self.latency_after_seq);
     }
 
+    /// Counts `frames` (in seq order) as delivered at `now_ms`, in one update of the shared
+    /// counters per run of equal latency: a writer sends many frames in one write, and a
+    /// thousand subscribers updating the same counters (and reading the clock) per event made
+    /// those a large part of the fan-out's CPU.
+    pub fn delivered_all(&self, frames: &[Arc<EventFrame>], now_ms: u64) {
+        if frames.is_empty() {
+            return;
+        }
+        let inner = &self.inner;
+        inner
+            .total_delivered
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        let mut run: Option<(u64, u64)> = None; // (latency_ms, count)
+        for frame in frames.iter().filter(|f| f.seq > self.latency_after_seq) {
+            let latency_ms = now_ms.saturating_sub(frame.event.timestamp_ms);
+            run = match run {
+                Some((l, n)) if l == latency_ms => Some((l, n + 1)),
+                Some((l, n)) => {
+                    inner.latency.record_n(now_ms, l, n);
+                    Some((latency_ms, 1))
+                }
+                None => Some((latency_ms, 1)),
+            };
+        }
+        if let Some((l, n)) = run {
+            inner.latency.record_n(now_ms, l, n);
+        }
+    }
+
     pub fn id(&self) -> u64 {
         self.guard.slot.id
     }
@@ -1146,6 +1234,16 @@ mod tests {
         assert_eq!((s.samples, s.p50_ms, s.p99_ms), (2, 7, 4096));
         assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
         assert_eq!(latency_bucket_floor_ms(LATENCY_BUCKETS - 1), 1 << 63);
+        // A run of equal latencies counted at once weighs as much as one by one.
+        let (a, b) = (Latency::new(), Latency::new());
+        for _ in 0..30 {
+            a.record(t0, 3);
+        }
+        a.record(t0, 40);
+        b.record_n(t0, 3, 30);
+        b.record_n(t0, 40, 1);
+        assert_eq!(a.summary(t0), b.summary(t0));
+        assert_eq!(b.summary(t0).sum_ms, 130);
     }
 
     #[test]

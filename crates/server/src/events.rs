@@ -23,9 +23,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use futures::Stream;
-use quiver_engine::WriteCtx;
+use quiver_engine::{AppEventInput, WriteCtx};
 use quiver_engine::{EngineError, Seq};
-use quiver_model::time::parse_rfc3339_ms;
+use quiver_model::time::{now_ms, parse_rfc3339_ms};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -246,6 +246,19 @@ struct SseChunk {
 }
 
 impl SseChunk {
+    /// Adds a frame shared by every subscriber: referenced if it is the only one, else
+    /// copied into the joined buffer (without touching its reference count).
+    fn push_shared(&mut self, frame: &Bytes) {
+        if self.first.is_none() && self.joined.is_empty() {
+            self.first = Some(frame.clone());
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.joined.extend_from_slice(&first);
+        }
+        self.joined.extend_from_slice(frame);
+    }
+
     fn push(&mut self, frame: Bytes) {
         match self.first.take() {
             None if self.joined.is_empty() => self.first = Some(frame),
@@ -317,17 +330,32 @@ fn sse_events(
                         return Some((Ok(Bytes::from(frame)), SseState::Done));
                     }
                 };
+                // Many subscribers: let this tick's events gather (every stream wakes on the
+                // same ms grid, so the bursts line up) and write them at once.
+                let (coalesce_ms, now) = (sub.coalesce_ms(), now_ms());
+                if let Some(tick) = now.checked_div(coalesce_ms) {
+                    let wait_ms = (tick + 1) * coalesce_ms - now;
+                    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+                }
                 let mut chunk = SseChunk::default();
+                let mut delivered: Vec<Arc<EventFrame>> = Vec::new();
                 let mut next = Some(first);
                 while let Some(frame) = next.take() {
-                    if let Some(bytes) = sse_frame(&frame, format, &near).await {
-                        sub.delivered(&frame);
+                    if near.is_none() {
+                        // The shared frame, copied only when joined to others.
+                        chunk.push_shared(frame.sse(format));
+                        delivered.push(frame);
+                    } else if let Some(bytes) = sse_frame(&frame, format, &near).await {
                         chunk.push(bytes);
+                        delivered.push(frame);
                     }
                     if chunk.len() < SSE_WRITE_BYTES_LIMIT {
                         next = sub.try_next();
                     }
                 }
+                // Counted once per write (a thousand subscribers counting each event on the
+                // same counters would make those counters the fan-out's bottleneck).
+                sub.delivered_all(&delivered, now_ms());
                 if let Some(bytes) = chunk.into_bytes() {
                     return Some((Ok(bytes), SseState::Live(sub)));
                 }
@@ -524,18 +552,7 @@ pub async fn publish(State(s): State<AppState>, Ctx(ctx): Ctx, req: Request) -> 
 
 /// Appends one event (not yet durable): its seq, or why it was refused.
 fn append_one(s: &AppState, mut ctx: WriteCtx, req: PublishEvent) -> ApiResult<Seq> {
-    if let Some(source) = req.source.filter(|x| !x.is_empty()) {
-        if source.len() > SOURCE_BYTES_LIMIT {
-            return Err(ApiError::unprocessable(
-                "invalid_source",
-                format!(
-                    "source is {} bytes; the limit is {SOURCE_BYTES_LIMIT}",
-                    source.len()
-                ),
-            ));
-        }
-        ctx.source = Some(source);
-    }
+    ctx.source = event_source(&ctx, req.source)?;
     let data = req.data.unwrap_or_else(|| json!({}));
     let c = s
         .engine
@@ -586,13 +603,23 @@ fn publish_stream(s: AppState, ctx: WriteCtx, body: Body) -> ApiResult<Response>
     tokio::spawn(async move {
         let _slot = slot;
         let started = std::time::Instant::now();
-        let (raw_tx, mut raw_rx) = tokio::sync::mpsc::channel(2);
+        let (raw_tx, mut raw_rx) =
+            tokio::sync::mpsc::channel::<Vec<(u64, crate::stream::RawLine)>>(2);
         let (appended_tx, mut appended_rx) =
             tokio::sync::mpsc::channel::<Vec<LineOutcome>>(EVENT_GROUPS_IN_FLIGHT_LIMIT);
         let appender = {
             let s = s.clone();
             tokio::spawn(async move {
-                while let Some(group) = raw_rx.recv().await {
+                while let Some(mut group) = raw_rx.recv().await {
+                    // Groups that queued while the last append ran go into this one: with
+                    // the body read as soon as it arrives, the groups are small under load,
+                    // and an append per group would cost more than the events.
+                    while group.len() < crate::stream::BATCH_LINES_LIMIT {
+                        match raw_rx.try_recv() {
+                            Ok(more) => group.extend(more),
+                            Err(_) => break,
+                        }
+                    }
                     let (s, ctx) = (s.clone(), ctx.clone());
                     // Appending may wait for room in the log's queue: off the async threads.
                     let Ok(outcomes) =
@@ -610,7 +637,12 @@ fn publish_stream(s: AppState, ctx: WriteCtx, body: Body) -> ApiResult<Response>
             let tx = tx.clone();
             tokio::spawn(async move {
                 let mut totals = PublishTotals::default();
-                while let Some(outcomes) = appended_rx.recv().await {
+                while let Some(mut outcomes) = appended_rx.recv().await {
+                    // Every group already appended is answered with this one: one wait and
+                    // one write for all of them.
+                    while let Ok(more) = appended_rx.try_recv() {
+                        outcomes.extend(more);
+                    }
                     let last = outcomes.iter().filter_map(|(_, r)| r.as_ref().ok()).max();
                     if let Some(&seq) = last {
                         if s.engine.wait_durable(seq).await.is_err() {
@@ -664,39 +696,95 @@ fn publish_stream(s: AppState, ctx: WriteCtx, body: Body) -> ApiResult<Response>
     Ok(response)
 }
 
+/// Appends one group of NDJSON lines: every line that parses goes into one engine commit per
+/// run of lines with the same `source` (usually the whole group), so a pipelined publisher
+/// costs one log append per group, not per event. Outcomes come back in line order.
 fn append_group(
     s: &AppState,
     ctx: &WriteCtx,
     group: Vec<(u64, crate::stream::RawLine)>,
 ) -> Vec<LineOutcome> {
-    group
-        .into_iter()
-        .map(|(n, raw)| {
-            let parsed = match raw {
-                crate::stream::RawLine::TooLong => Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "line_too_long",
-                    format!(
-                        "line is longer than {} bytes",
-                        crate::stream::LINE_BYTES_LIMIT
-                    ),
-                )),
-                crate::stream::RawLine::Text(text) => {
-                    serde_json::from_slice::<PublishEvent>(text.trim_ascii()).map_err(|e| {
-                        if e.classify() == serde_json::error::Category::Data {
-                            ApiError::unprocessable("invalid_event", e.to_string())
-                        } else {
-                            ApiError::bad_request("malformed_json", e.to_string())
-                        }
-                    })
+    let mut outcomes: Vec<LineOutcome> = Vec::with_capacity(group.len());
+    // Runs of consecutive good lines with one source.
+    let mut runs: Vec<SourceRun> = Vec::new();
+    for (n, raw) in group {
+        let parsed = match raw {
+            crate::stream::RawLine::TooLong => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "line_too_long",
+                format!(
+                    "line is longer than {} bytes",
+                    crate::stream::LINE_BYTES_LIMIT
+                ),
+            )),
+            crate::stream::RawLine::Text(text) => {
+                serde_json::from_slice::<PublishEvent>(text.trim_ascii()).map_err(|e| {
+                    if e.classify() == serde_json::error::Category::Data {
+                        ApiError::unprocessable("invalid_event", e.to_string())
+                    } else {
+                        ApiError::bad_request("malformed_json", e.to_string())
+                    }
+                })
+            }
+        };
+        let event = parsed.and_then(|req| {
+            let source = event_source(ctx, req.source)?;
+            Ok((
+                source,
+                AppEventInput {
+                    event_type: req.event_type,
+                    library_id: req.library_id,
+                    data: req.data.unwrap_or_else(|| json!({})),
+                },
+            ))
+        });
+        match event {
+            Ok((source, event)) => {
+                let at = outcomes.len();
+                outcomes.push((n, Ok(0)));
+                match runs.last_mut() {
+                    Some((run_source, events)) if *run_source == source => events.push((at, event)),
+                    _ => runs.push((source, vec![(at, event)])),
                 }
-            };
-            let outcome = parsed
-                .and_then(|event| append_one(s, ctx.clone(), event))
-                .map_err(|e| (e.status.as_u16(), e.code, e.detail));
-            (n, outcome)
-        })
-        .collect()
+            }
+            Err(e) => outcomes.push((n, Err((e.status.as_u16(), e.code, e.detail)))),
+        }
+    }
+    for (source, events) in runs {
+        let run_ctx = WriteCtx {
+            trace_id: ctx.trace_id.clone(),
+            source,
+        };
+        let (slots, events): (Vec<usize>, Vec<AppEventInput>) = events.into_iter().unzip();
+        let results = s.engine.append_events(&run_ctx, events);
+        debug_assert_eq!(slots.len(), results.len());
+        for (at, result) in slots.into_iter().zip(results) {
+            outcomes[at].1 = result.map_err(|e| {
+                let e = ApiError::from(e);
+                (e.status.as_u16(), e.code, e.detail)
+            });
+        }
+    }
+    outcomes
+}
+
+/// Consecutive good lines of an NDJSON publish that share one source: that source, and each
+/// line's index among the outcomes with its event. One run is one commit.
+type SourceRun = (Option<String>, Vec<(usize, AppEventInput)>);
+
+/// The source a published event carries: its own (bounded) or the request's.
+fn event_source(ctx: &WriteCtx, source: Option<String>) -> ApiResult<Option<String>> {
+    match source.filter(|x| !x.is_empty()) {
+        Some(source) if source.len() > SOURCE_BYTES_LIMIT => Err(ApiError::unprocessable(
+            "invalid_source",
+            format!(
+                "source is {} bytes; the limit is {SOURCE_BYTES_LIMIT}",
+                source.len()
+            ),
+        )),
+        Some(source) => Ok(Some(source)),
+        None => Ok(ctx.source.clone()),
+    }
 }
 
 #[derive(Default)]
@@ -718,7 +806,12 @@ fn publish_lines(outcomes: &[LineOutcome], totals: &mut PublishTotals) -> Bytes 
                 totals.published += 1;
                 totals.first_seq.get_or_insert(*seq);
                 totals.last_seq = Some(*seq);
-                json!({"line": n, "ok": true, "seq": seq})
+                // The common line, written directly (two integers, no escaping needed).
+                let _ = std::io::Write::write_fmt(
+                    &mut out,
+                    format_args!("{{\"line\":{n},\"ok\":true,\"seq\":{seq}}}\n"),
+                );
+                continue;
             }
             Err((status, code, detail)) => {
                 totals.failed += 1;
@@ -772,6 +865,11 @@ pub async fn statistics(
 ) -> Json<Value> {
     let stats = s.bus.stats();
     let mut body = stats_json(&stats);
+    // Which durable reader holds the log's retention back, from which seq.
+    body["retention_hold"] = match s.engine.retention_hold() {
+        Some((seq, reader)) => json!({"seq": seq, "reader": reader}),
+        None => Value::Null,
+    };
     if let Some(Extension(svc)) = consumers {
         body["consumers"] = crate::consumers::consumers_stats_json(&svc, stats.last_seq);
         body["consumer_count"] = json!(svc.registry.list().len());

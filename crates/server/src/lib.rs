@@ -201,6 +201,14 @@ pub async fn serve_with(
     let hooks_stopper = hooks.clone();
     // Graceful shutdown waits for in-flight responses; stopping the bus ends every SSE stream
     // and long-poll so that wait is short and the engine gets to close cleanly.
+    // TCP_NODELAY on every connection: an event stream writes small frames one after another,
+    // and with Nagle's algorithm a frame written while the previous one is unacknowledged
+    // waits for the client's delayed ACK (up to 40 ms) — the tail of every SSE latency.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
+        }
+    });
     let served = axum::serve(
         listener,
         app(engine, bus, jobs.clone(), Some(hooks.clone())),

@@ -242,7 +242,8 @@ async fn pipeline(
 }
 
 /// Splits the body into lines and sends them on in groups (at most [`BATCH_LINES_LIMIT`]
-/// lines or [`BATCH_BYTES_LIMIT`] bytes; a group also goes when the body pauses).
+/// lines or [`BATCH_BYTES_LIMIT`] bytes; a group also goes when the body pauses for
+/// `idle_flush`, or, when that is zero, as soon as no more of the body is at hand).
 pub(crate) async fn read_lines(
     body: Body,
     raw_tx: &tokio::sync::mpsc::Sender<Vec<(u64, RawLine)>>,
@@ -264,6 +265,17 @@ pub(crate) async fn read_lines(
     while !ended {
         let next = if group.is_empty() {
             stream.next().await
+        } else if idle_flush.is_zero() {
+            // Only what is already here: a zero timeout would still wait for the timer's next
+            // tick (up to 1 ms), which every pipelined publisher's acknowledgement would pay.
+            match futures::FutureExt::now_or_never(stream.next()) {
+                Some(n) => n,
+                None => {
+                    send(std::mem::take(&mut group)).await?;
+                    group_bytes = 0;
+                    continue;
+                }
+            }
         } else {
             match tokio::time::timeout(idle_flush, stream.next()).await {
                 Ok(n) => n,

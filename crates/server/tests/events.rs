@@ -626,13 +626,20 @@ async fn ndjson_publish_answers_every_line() {
     let before = s.engine.log().durable_seq();
     let mut body = String::new();
     for i in 0..300 {
+        // Lines 50–59 carry their own source: one group becomes several commits, in order.
+        let source = if (50..60).contains(&i) {
+            format!(",\"source\":\"worker-{}\"", i % 2)
+        } else {
+            String::new()
+        };
         body.push_str(&format!(
-            "{{\"type\":\"app.tick\",\"data\":{{\"i\":{i}}}}}\n"
+            "{{\"type\":\"app.tick\",\"data\":{{\"i\":{i}}}{source}}}\n"
         ));
         match i {
             10 => body.push_str("{not json\n"),
             20 => body.push_str("{\"type\":\"document.added\",\"data\":{}}\n"),
             30 => body.push_str("\n{\"data\":{}}\n"),
+            40 => body.push_str("{\"type\":\"app.tick\",\"library_id\":\"nope\"}\n"),
             _ => {}
         }
     }
@@ -651,7 +658,7 @@ async fn ndjson_publish_answers_every_line() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let (summary, statuses) = lines.split_last().unwrap();
-    assert_eq!(statuses.len(), 303, "one status per non-blank line");
+    assert_eq!(statuses.len(), 304, "one status per non-blank line");
     let errors: Vec<(u64, &str)> = statuses
         .iter()
         .filter(|l| l["ok"] == false)
@@ -662,13 +669,14 @@ async fn ndjson_publish_answers_every_line() {
         vec![
             (12, "malformed_json"),
             (23, "reserved_event_type"),
-            (35, "invalid_event")
+            (35, "invalid_event"),
+            (46, "library_not_found"),
         ]
     );
     let seqs: Vec<u64> = statuses.iter().filter_map(|l| l["seq"].as_u64()).collect();
     assert_eq!(seqs, ((before + 1)..=(before + 300)).collect::<Vec<_>>());
     assert_eq!(summary["summary"]["published"], 300);
-    assert_eq!(summary["summary"]["failed"], 3);
+    assert_eq!(summary["summary"]["failed"], 4);
     assert_eq!(summary["summary"]["last_seq"], before + 300);
     assert_eq!(
         s.engine.log().durable_seq(),
@@ -681,6 +689,22 @@ async fn ndjson_publish_answers_every_line() {
         .map(|e| e["data"]["i"].as_u64().unwrap())
         .collect();
     assert_eq!(is, (0..300).collect::<Vec<_>>());
+    for e in &events {
+        let i = e["data"]["i"].as_u64().unwrap();
+        let source = e["source"].as_str().unwrap_or("");
+        if (50..60).contains(&i) {
+            assert_eq!(
+                source,
+                format!("worker-{}", i % 2),
+                "event {i}: its line's source"
+            );
+        } else {
+            assert!(
+                !source.starts_with("worker-"),
+                "event {i}: the request's source"
+            );
+        }
+    }
 
     // A plain JSON body still takes the single-event path.
     let (st, one) = s.post("/v1/events", json!({"type": "app.one"})).await;

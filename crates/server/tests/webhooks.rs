@@ -839,6 +839,19 @@ async fn retention_keeps_what_durable_readers_have_not_consumed() {
         first,
         "the webhook still needs them"
     );
+    // The statistics name the reader that holds the log back.
+    let (st, stats) = s.get("/v1/events/statistics").await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        stats["retention_hold"]["reader"],
+        format!("webhooks {id}"),
+        "{stats}"
+    );
+    let hold_seq = stats["retention_hold"]["seq"].as_u64().unwrap();
+    assert!(
+        hold_seq < first + 300,
+        "it holds events it has not delivered: {hold_seq}"
+    );
 
     // The webhook delivers every event, then nothing holds the segments any more.
     let (st, _) = s

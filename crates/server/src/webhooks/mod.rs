@@ -318,12 +318,15 @@ impl Webhooks {
             "webhooks",
             Box::new(move || {
                 let shared = weak.upgrade()?;
-                let eps: Vec<Arc<Endpoint>> = lock(&shared.endpoints).values().cloned().collect();
-                eps.iter()
-                    .map(|ep| {
+                let eps: Vec<(String, Arc<Endpoint>)> = lock(&shared.endpoints)
+                    .iter()
+                    .map(|(id, ep)| (id.clone(), Arc::clone(ep)))
+                    .collect();
+                eps.into_iter()
+                    .map(|(id, ep)| {
                         let reg = lock(&ep.reg);
                         let next = reg.position + 1;
-                        reg.parked.first().map_or(next, |p| next.min(*p))
+                        (reg.parked.first().map_or(next, |p| next.min(*p)), id)
                     })
                     .min()
             }),
