@@ -11,7 +11,9 @@
 # acknowledged event reached the subscriber exactly once, and prints markdown tables on stdout
 # (progress on stderr): each run, then the medians over the runs. Targets: quiver-always,
 # jetstream, jetstream-always (only when the installed nats-server knows `sync_interval`),
-# redis-always, quiver-never, quiver-1s, redis-everysec (`--targets` to choose). Also the fan-out phase: 1,000
+# redis-always, quiver-never, quiver-1s, redis-everysec by default; also quiver-*-ndjson (an
+# NDJSON publish request per publisher) and quiver-*-mux (one NDJSON publish request shared by
+# every publisher, pipelined, as a NATS client shares its connection) (`--targets` to choose). Also the fan-out phase: 1,000
 # SSE clients at 1,000 events/s (`--fanout-clients`, `--fanout-rate`). Honours CARGO_TARGET_DIR.
 set -euo pipefail
 

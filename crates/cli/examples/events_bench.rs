@@ -31,6 +31,9 @@
 //! each publisher holds one NDJSON `POST /v1/events` request and sends one line per event,
 //! still one event in flight: an acknowledgement per line, without an HTTP request each —
 //! as a NATS client publishes on its connection),
+//! `quiver-always-mux` / `quiver-never-mux` / `quiver-1s-mux` (one NDJSON request shared by
+//! all publishers, pipelined, each line acknowledged in order: how a NATS client publishes —
+//! every publisher on one connection),
 //! `quiver-1s` (`--fsync interval=1000`), `quiver-never` (`--fsync never`), `jetstream` (file
 //! storage, the server's own sync policy: 2.9 acks without an fsync per message),
 //! `jetstream-always` (`sync_interval: always`, when the nats-server supports it),
@@ -375,6 +378,12 @@ enum Publisher {
         url: String,
         event_type: String,
     },
+    /// `POST /v1/events` as NDJSON over one request shared by every publisher, pipelined: as
+    /// a NATS client multiplexes its publishers over one connection.
+    QuiverMux {
+        mux: Arc<MuxConn>,
+        event_type: String,
+    },
     Nats {
         js: async_nats::jetstream::Context,
         subject: String,
@@ -452,6 +461,86 @@ async fn quiver_stream_conn(http: &reqwest::Client, url: &str) -> Result<Conn> {
     })
 }
 
+type Ack = Result<u64, String>;
+
+/// One NDJSON publish request shared by all publishers: each hands over its line with a
+/// oneshot for its ack; a writer task joins every line that is ready into one body chunk and
+/// queues the oneshots in send order; the reader matches status lines to them in that order
+/// (the server answers lines in order).
+struct MuxConn {
+    tx: tokio::sync::mpsc::Sender<(Vec<u8>, tokio::sync::oneshot::Sender<Ack>)>,
+}
+
+async fn quiver_mux_conn(http: &reqwest::Client, url: &str) -> Result<MuxConn> {
+    type Waiting = Arc<Mutex<std::collections::VecDeque<tokio::sync::oneshot::Sender<Ack>>>>;
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(Vec<u8>, tokio::sync::oneshot::Sender<Ack>)>(4096);
+    let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(64);
+    let waiting: Waiting = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+    let writer_waiting = Arc::clone(&waiting);
+    tokio::spawn(async move {
+        while let Some((mut chunk, ack)) = rx.recv().await {
+            writer_waiting.lock().unwrap().push_back(ack);
+            while chunk.len() < 64 * 1024 {
+                let Ok((line, ack)) = rx.try_recv() else {
+                    break;
+                };
+                chunk.extend_from_slice(&line);
+                writer_waiting.lock().unwrap().push_back(ack);
+            }
+            if body_tx.send(Ok(chunk)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = reqwest::Body::wrap_stream(futures::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let request = http
+        .post(url)
+        .header("content-type", "application/x-ndjson")
+        .body(body);
+    tokio::spawn(async move {
+        let fail_all = |why: String| {
+            for ack in waiting.lock().unwrap().drain(..) {
+                let _ = ack.send(Err(why.clone()));
+            }
+        };
+        let resp = match request.send().await {
+            Ok(r) if r.status().as_u16() == 200 => r,
+            Ok(r) => return fail_all(format!("NDJSON publish: {}", r.status())),
+            Err(e) => return fail_all(format!("NDJSON publish: {e}")),
+        };
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.extend_from_slice(&chunk);
+            let mut start = 0;
+            while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
+                let line = &buf[start..start + nl];
+                start += nl + 1;
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if v.get("summary").is_some() {
+                    continue;
+                }
+                let ack = match v["seq"].as_u64() {
+                    Some(seq) if v["ok"] == true => Ok(seq),
+                    _ => Err(format!("NDJSON publish: {v}")),
+                };
+                if let Some(waiter) = waiting.lock().unwrap().pop_front() {
+                    let _ = waiter.send(ack);
+                }
+            }
+            buf.drain(..start);
+        }
+        fail_all("the NDJSON publish reply ended".to_string());
+    });
+    Ok(MuxConn { tx })
+}
+
 impl Publisher {
     async fn connect(&self) -> Result<Conn> {
         Ok(match self {
@@ -508,6 +597,19 @@ impl Publisher {
                 }
             }
             (Publisher::QuiverStream { .. }, _) => bail!("no NDJSON publish stream"),
+            (Publisher::QuiverMux { mux, event_type }, _) => {
+                let line = format!("{{\"type\":\"{event_type}\",\"data\":{payload}}}\n");
+                let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
+                mux.tx
+                    .send((line.into_bytes(), ack_tx))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("the NDJSON publish request ended"))?;
+                match ack_rx.await {
+                    Ok(Ok(seq)) => Ok(seq),
+                    Ok(Err(e)) => bail!("{e}"),
+                    Err(_) => bail!("the NDJSON publish reply ended"),
+                }
+            }
             (Publisher::Nats { js, subject }, _) => {
                 js.publish(subject.clone(), payload.into())
                     .await
@@ -608,12 +710,15 @@ async fn sse_client(
     let mut stream = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut batch: Vec<(u64, u64)> = Vec::with_capacity(1024);
+    // A thousand clients parse five million frames in the fan-out phase on the same two
+    // cores as the server: the measuring client must be cheap.
+    let frame_end = memchr::memmem::Finder::new(b"\n\n");
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         let t = now_ns();
         buf.extend_from_slice(&chunk);
         let mut start = 0;
-        while let Some(end) = find_frame_end(&buf[start..]) {
+        while let Some(end) = frame_end.find(&buf[start..]) {
             let frame = &buf[start..start + end];
             if let Some(id) = frame_id(frame) {
                 batch.push((id, t));
@@ -628,11 +733,16 @@ async fn sse_client(
     Ok(())
 }
 
-fn find_frame_end(b: &[u8]) -> Option<usize> {
-    b.windows(2).position(|w| w == b"\n\n")
-}
-
+/// The `id:` of an SSE frame: its first line for Quiver's frames, else found by scanning.
 fn frame_id(frame: &[u8]) -> Option<u64> {
+    if let Some(rest) = frame.strip_prefix(b"id: ") {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits > 0 && digits <= 19 {
+            return rest[..digits].iter().try_fold(0u64, |n, &b| {
+                n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+            });
+        }
+    }
     for line in frame.split(|&b| b == b'\n') {
         if let Some(rest) = line.strip_prefix(b"id: ") {
             return std::str::from_utf8(rest).ok()?.trim().parse().ok();
@@ -822,13 +932,22 @@ fn http_client(pool: usize) -> Result<reqwest::Client> {
         .build()?)
 }
 
+/// How Quiver's publishers send: a POST each, an NDJSON request each, or one shared NDJSON
+/// request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum QuiverMode {
+    Post,
+    Ndjson,
+    Mux,
+}
+
 async fn quiver_phase(
     args: &Args,
     base: &str,
     phase: usize,
     rate: Rate,
     sse_clients: usize,
-    ndjson: bool,
+    mode: QuiverMode,
     row: &mut Row,
 ) -> Result<()> {
     let event_type = format!("bench.p{phase}");
@@ -858,18 +977,21 @@ async fn quiver_phase(
         }
     }
     let (http, url) = (http_client(args.publishers)?, format!("{base}/v1/events"));
-    let publisher = if ndjson {
-        Publisher::QuiverStream {
+    let publisher = match mode {
+        QuiverMode::Ndjson => Publisher::QuiverStream {
             http,
             url,
             event_type,
-        }
-    } else {
-        Publisher::Quiver {
+        },
+        QuiverMode::Mux => Publisher::QuiverMux {
+            mux: Arc::new(quiver_mux_conn(&http, &url).await?),
+            event_type,
+        },
+        QuiverMode::Post => Publisher::Quiver {
             http,
             url,
             event_type,
-        }
+        },
     };
     let (sent, issued, start_ns) = run_publishers(
         publisher,
@@ -1058,6 +1180,9 @@ fn durability(target: &str) -> &'static str {
         "quiver-always-ndjson" => "`--fsync always`, NDJSON publish: each line's ack after fdatasync",
         "quiver-1s-ndjson" => "`--fsync interval=1000`, NDJSON publish",
         "quiver-never-ndjson" => "`--fsync never`, NDJSON publish: ack after write(2)",
+        "quiver-always-mux" => "`--fsync always`, one NDJSON publish shared by all publishers: each line's ack after fdatasync",
+        "quiver-1s-mux" => "`--fsync interval=1000`, one shared NDJSON publish",
+        "quiver-never-mux" => "`--fsync never`, one shared NDJSON publish: ack after write(2)",
         "quiver-1s" => "`--fsync interval=1000`: 201 after write(2), fdatasync every 1 s",
         "quiver-never" => "`--fsync never`: 201 after write(2), no fsync",
         "jetstream" => "file storage, server default: ack after the store write, no fsync per message (fsync of blocks every 2 min)",
@@ -1091,9 +1216,18 @@ async fn run_target(
         | "quiver-never"
         | "quiver-always-ndjson"
         | "quiver-1s-ndjson"
-        | "quiver-never-ndjson" => {
-            let ndjson = target.ends_with("-ndjson");
-            let fsync = match target.trim_end_matches("-ndjson") {
+        | "quiver-never-ndjson"
+        | "quiver-always-mux"
+        | "quiver-1s-mux"
+        | "quiver-never-mux" => {
+            let mode = if target.ends_with("-ndjson") {
+                QuiverMode::Ndjson
+            } else if target.ends_with("-mux") {
+                QuiverMode::Mux
+            } else {
+                QuiverMode::Post
+            };
+            let fsync = match target.trim_end_matches("-ndjson").trim_end_matches("-mux") {
                 "quiver-always" => "always",
                 "quiver-1s" => "interval=1000",
                 _ => "never",
@@ -1106,7 +1240,7 @@ async fn run_target(
                 with_cpu(
                     proc.pid(),
                     &mut row,
-                    quiver_phase(args, &base, *phase, rate, 1, ndjson, &mut inner),
+                    quiver_phase(args, &base, *phase, rate, 1, mode, &mut inner),
                 )
                 .await?;
                 row = Row {
@@ -1133,7 +1267,7 @@ async fn run_target(
                         *phase,
                         Rate::Fixed(args.fanout_rate),
                         args.fanout_clients,
-                        ndjson,
+                        mode,
                         &mut inner,
                     ),
                 )
