@@ -399,7 +399,7 @@ enum Conn {
     Redis(redis::aio::MultiplexedConnection),
     QuiverStream {
         lines: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
-        acks: tokio::sync::mpsc::Receiver<Result<u64, String>>,
+        acks: tokio::sync::mpsc::Receiver<Ack>,
     },
 }
 
@@ -407,7 +407,7 @@ enum Conn {
 /// error) comes back on `acks`, in order.
 async fn quiver_stream_conn(http: &reqwest::Client, url: &str) -> Result<Conn> {
     let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(64);
-    let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<Result<u64, String>>(1024);
+    let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<Ack>(1024);
     let body = reqwest::Body::wrap_stream(futures::stream::unfold(line_rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     }));
@@ -438,15 +438,8 @@ async fn quiver_stream_conn(http: &reqwest::Client, url: &str) -> Result<Conn> {
             while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
                 let line = &buf[start..start + nl];
                 start += nl + 1;
-                let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+                let Some(ack) = ack_of_line(line) else {
                     continue;
-                };
-                if v.get("summary").is_some() {
-                    continue;
-                }
-                let ack = match v["seq"].as_u64() {
-                    Some(seq) if v["ok"] == true => Ok(seq),
-                    _ => Err(format!("NDJSON publish: {v}")),
                 };
                 if ack_tx.send(ack).await.is_err() {
                     return;
@@ -462,6 +455,19 @@ async fn quiver_stream_conn(http: &reqwest::Client, url: &str) -> Result<Conn> {
 }
 
 type Ack = Result<u64, String>;
+
+/// One status line of an NDJSON publish reply: its seq or its error; `None` for the summary
+/// line (and anything that is not JSON).
+fn ack_of_line(line: &[u8]) -> Option<Ack> {
+    let v = serde_json::from_slice::<serde_json::Value>(line).ok()?;
+    if v.get("summary").is_some() {
+        return None;
+    }
+    Some(match v["seq"].as_u64() {
+        Some(seq) if v["ok"] == true => Ok(seq),
+        _ => Err(format!("NDJSON publish: {v}")),
+    })
+}
 
 /// One NDJSON publish request shared by all publishers: each hands over its line with a
 /// oneshot for its ack; a writer task joins every line that is ready into one body chunk and
@@ -520,15 +526,8 @@ async fn quiver_mux_conn(http: &reqwest::Client, url: &str) -> Result<MuxConn> {
             while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
                 let line = &buf[start..start + nl];
                 start += nl + 1;
-                let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+                let Some(ack) = ack_of_line(line) else {
                     continue;
-                };
-                if v.get("summary").is_some() {
-                    continue;
-                }
-                let ack = match v["seq"].as_u64() {
-                    Some(seq) if v["ok"] == true => Ok(seq),
-                    _ => Err(format!("NDJSON publish: {v}")),
                 };
                 if let Some(waiter) = waiting.lock().unwrap().pop_front() {
                     let _ = waiter.send(ack);
