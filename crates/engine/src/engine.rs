@@ -139,7 +139,6 @@ pub struct EngineStats {
     pub libraries: usize,
 }
 
-/// Reports the oldest `seq` a durable reader still needs (`None`: nothing held).
 /// Reports the oldest seq one kind of durable reader still needs, and which reader of that kind
 /// needs it (e.g. a consumer group's name), or `None` when it needs nothing.
 pub type RetentionHold = Box<dyn Fn() -> Option<(Seq, String)> + Send + Sync>;

@@ -757,7 +757,7 @@ fn append_group(
         };
         let (slots, events): (Vec<usize>, Vec<AppEventInput>) = events.into_iter().unzip();
         let results = s.engine.append_events(&run_ctx, events);
-        debug_assert_eq!(slots.len(), results.len());
+        assert_eq!(slots.len(), results.len(), "one outcome per event");
         for (at, result) in slots.into_iter().zip(results) {
             outcomes[at].1 = result.map_err(|e| {
                 let e = ApiError::from(e);
