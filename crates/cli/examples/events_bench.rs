@@ -397,61 +397,8 @@ enum Publisher {
 enum Conn {
     None,
     Redis(redis::aio::MultiplexedConnection),
-    QuiverStream {
-        lines: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
-        acks: tokio::sync::mpsc::Receiver<Ack>,
-    },
-}
-
-/// Opens one NDJSON publish request: lines go out through `lines`, each status line's seq (or
-/// error) comes back on `acks`, in order.
-async fn quiver_stream_conn(http: &reqwest::Client, url: &str) -> Result<Conn> {
-    let (line_tx, line_rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(64);
-    let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<Ack>(1024);
-    let body = reqwest::Body::wrap_stream(futures::stream::unfold(line_rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }));
-    let request = http
-        .post(url)
-        .header("content-type", "application/x-ndjson")
-        .body(body);
-    tokio::spawn(async move {
-        let resp = match request.send().await {
-            Ok(r) if r.status().as_u16() == 200 => r,
-            Ok(r) => {
-                let _ = ack_tx
-                    .send(Err(format!("NDJSON publish: {}", r.status())))
-                    .await;
-                return;
-            }
-            Err(e) => {
-                let _ = ack_tx.send(Err(format!("NDJSON publish: {e}"))).await;
-                return;
-            }
-        };
-        let mut stream = resp.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let Ok(chunk) = chunk else { return };
-            buf.extend_from_slice(&chunk);
-            let mut start = 0;
-            while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
-                let line = &buf[start..start + nl];
-                start += nl + 1;
-                let Some(ack) = ack_of_line(line) else {
-                    continue;
-                };
-                if ack_tx.send(ack).await.is_err() {
-                    return;
-                }
-            }
-            buf.drain(..start);
-        }
-    });
-    Ok(Conn::QuiverStream {
-        lines: line_tx,
-        acks: ack_rx,
-    })
+    /// A publisher's own NDJSON publish request (one line in flight on it).
+    QuiverStream(MuxConn),
 }
 
 type Ack = Result<u64, String>;
@@ -475,6 +422,23 @@ fn ack_of_line(line: &[u8]) -> Option<Ack> {
 /// (the server answers lines in order).
 struct MuxConn {
     tx: tokio::sync::mpsc::Sender<(Vec<u8>, tokio::sync::oneshot::Sender<Ack>)>,
+}
+
+impl MuxConn {
+    /// Publishes one event and waits for its acknowledgement: its seq.
+    async fn publish(&self, event_type: &str, payload: &str) -> Result<u64> {
+        let line = format!("{{\"type\":\"{event_type}\",\"data\":{payload}}}\n");
+        let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((line.into_bytes(), ack_tx))
+            .await
+            .map_err(|_| anyhow::anyhow!("the NDJSON publish request ended"))?;
+        match ack_rx.await {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(e)) => bail!("{e}"),
+            Err(_) => bail!("the NDJSON publish reply ended"),
+        }
+    }
 }
 
 async fn quiver_mux_conn(http: &reqwest::Client, url: &str) -> Result<MuxConn> {
@@ -546,7 +510,9 @@ impl Publisher {
             Publisher::Redis { client, .. } => {
                 Conn::Redis(client.get_multiplexed_async_connection().await?)
             }
-            Publisher::QuiverStream { http, url, .. } => quiver_stream_conn(http, url).await?,
+            Publisher::QuiverStream { http, url, .. } => {
+                Conn::QuiverStream(quiver_mux_conn(http, url).await?)
+            }
             _ => Conn::None,
         })
     }
@@ -583,32 +549,13 @@ impl Publisher {
                 }
                 seq.context("no x-quiver-seq header")
             }
-            (Publisher::QuiverStream { event_type, .. }, Conn::QuiverStream { lines, acks }) => {
-                let line = format!("{{\"type\":\"{event_type}\",\"data\":{payload}}}\n");
-                lines
-                    .send(Ok(line.into_bytes()))
-                    .await
-                    .map_err(|_| anyhow::anyhow!("the NDJSON publish request ended"))?;
-                match acks.recv().await {
-                    Some(Ok(seq)) => Ok(seq),
-                    Some(Err(e)) => bail!("{e}"),
-                    None => bail!("the NDJSON publish reply ended"),
-                }
+            (Publisher::QuiverStream { event_type, .. }, Conn::QuiverStream(mux)) => {
+                mux.publish(event_type, &payload).await
+            }
+            (Publisher::QuiverMux { mux, event_type }, _) => {
+                mux.publish(event_type, &payload).await
             }
             (Publisher::QuiverStream { .. }, _) => bail!("no NDJSON publish stream"),
-            (Publisher::QuiverMux { mux, event_type }, _) => {
-                let line = format!("{{\"type\":\"{event_type}\",\"data\":{payload}}}\n");
-                let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
-                mux.tx
-                    .send((line.into_bytes(), ack_tx))
-                    .await
-                    .map_err(|_| anyhow::anyhow!("the NDJSON publish request ended"))?;
-                match ack_rx.await {
-                    Ok(Ok(seq)) => Ok(seq),
-                    Ok(Err(e)) => bail!("{e}"),
-                    Err(_) => bail!("the NDJSON publish reply ended"),
-                }
-            }
             (Publisher::Nats { js, subject }, _) => {
                 js.publish(subject.clone(), payload.into())
                     .await
