@@ -46,12 +46,7 @@ pub(crate) fn graph_file_name(seq: Seq, library_id: &str) -> String {
 }
 
 /// Writes one library's graph for the snapshot at `seq`.
-pub(crate) fn write_graph(
-    dir: &Path,
-    seq: Seq,
-    library_id: &str,
-    graph: &HnswIndex,
-) -> Result<()> {
+pub(crate) fn write_graph(dir: &Path, seq: Seq, library_id: &str, graph: &HnswIndex) -> Result<()> {
     let path = dir.join(graph_file_name(seq, library_id));
     quiver_log::write_atomic(&path, |w| graph.write_to(w))?;
     Ok(())
