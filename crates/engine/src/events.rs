@@ -36,21 +36,22 @@ pub struct Event {
 /// The event of the record at `seq`, taking the record (an application event's data moves into
 /// the event instead of being copied: the bus decodes every record once just for this).
 pub fn into_event(seq: Seq, record: Record) -> Event {
-    let library_id = record.change.library_id().map(str::to_string);
-    let (event_type, data) = match record.change {
+    match record.change {
         Change::AppEvent {
-            event_type, data, ..
-        } => (event_type, data),
-        other => type_and_data(&other),
-    };
-    Event {
-        seq,
-        event_type,
-        library_id,
-        timestamp_ms: record.meta.timestamp_ms,
-        data,
-        source: record.meta.source,
-        trace_id: record.meta.trace_id,
+            event_type,
+            library_id,
+            data,
+        } => Event {
+            seq,
+            event_type,
+            library_id,
+            timestamp_ms: record.meta.timestamp_ms,
+            data,
+            source: record.meta.source,
+            trace_id: record.meta.trace_id,
+        },
+        // Other types build their data from the change's fields anyway.
+        _ => event_of(seq, &record),
     }
 }
 
