@@ -21,10 +21,12 @@
 //! the subscriber received every acknowledged event exactly once (Quiver: SSE ids gapless and
 //! equal to the acknowledged seqs).
 //!
-//! The fan-out phase (Quiver only): `--fanout-clients` SSE clients connect (each its own
-//! connection), then events are published at `--fanout-rate` for `--duration` seconds; every
-//! client must receive every event once, and latency send → received is taken over all
-//! (client, event) pairs.
+//! The fan-out phase (Quiver only, on the targets whose fsync policy `--fanout-fsync` names;
+//! `always` by default): `--fanout-clients` SSE clients connect (each its own connection), then
+//! events are published at `--fanout-rate` for `--duration` seconds; every client must receive
+//! every event once, and latency send → received is taken over all (client, event) pairs.
+//! The SSE clients are plain-socket HTTP/1.1 readers (see `sse_client`), so that a thousand of
+//! them cost the shared cores as little as a measuring client can.
 //!
 //! Targets: `quiver-always` (`--fsync always`, group commit, ack after fdatasync),
 //! `quiver-always-ndjson` / `quiver-never-ndjson` / `quiver-1s-ndjson` (the same servers, but
@@ -87,6 +89,10 @@ struct Args {
     /// SSE clients of the fan-out phase (0 skips it).
     #[arg(long, default_value_t = 1000)]
     fanout_clients: usize,
+    /// The Quiver fsync policies (`always`, `1s`, `never`) whose targets also run the fan-out
+    /// phase, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "always")]
+    fanout_fsync: Vec<String>,
     /// Events/s of the fan-out phase.
     #[arg(long, default_value_t = 1000)]
     fanout_rate: u64,
@@ -642,41 +648,143 @@ async fn run_publishers(
 type Received = Arc<Mutex<Vec<(u64, u64)>>>;
 
 /// An SSE client: parses frames, records `(id, now)` for every event frame.
+///
+/// It speaks HTTP/1.1 on a plain socket (request line, headers, chunked body) instead of going
+/// through reqwest: in the fan-out phase a thousand of these share the two cores with the
+/// server, and reqwest's client runs each connection as a task that hands every chunk to the
+/// body stream's task (two wakes and two copies per read). Here a read is one wake: the bytes
+/// are de-chunked into the frame buffer and split on blank lines in place.
 async fn sse_client(
-    http: reqwest::Client,
     url: String,
     received: Received,
     ready: tokio::sync::oneshot::Sender<()>,
 ) -> Result<()> {
-    let resp = http.get(&url).send().await?;
-    if resp.status().as_u16() != 200 {
-        bail!("SSE {url}: {}", resp.status());
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("not an http:// URL: {url}"))?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut socket = tokio::net::TcpStream::connect(host).await?;
+    socket.set_nodelay(true)?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n");
+    socket.write_all(request.as_bytes()).await?;
+    // The response head.
+    let mut raw: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let head_end = loop {
+        if let Some(i) = memchr::memmem::find(&raw, b"\r\n\r\n") {
+            break i + 4;
+        }
+        if raw.len() > 16 * 1024 {
+            bail!("SSE {url}: response head over 16 KiB");
+        }
+        if socket.read_buf(&mut raw).await? == 0 {
+            bail!("SSE {url}: connection closed before the response head");
+        }
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") {
+        bail!("SSE {url}: {}", head.lines().next().unwrap_or(""));
     }
+    let chunked = head.contains("transfer-encoding: chunked");
+    raw.drain(..head_end);
     let _ = ready.send(());
-    let mut stream = resp.bytes_stream();
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut batch: Vec<(u64, u64)> = Vec::with_capacity(1024);
-    // A thousand clients parse five million frames in the fan-out phase on the same two
-    // cores as the server: the measuring client must be cheap.
     let frame_end = memchr::memmem::Finder::new(b"\n\n");
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        let t = now_ns();
-        buf.extend_from_slice(&chunk);
-        let mut start = 0;
-        while let Some(end) = frame_end.find(&buf[start..]) {
-            let frame = &buf[start..start + end];
-            if let Some(id) = frame_id(frame) {
-                batch.push((id, t));
+    let mut body = Dechunk::new(chunked);
+    let mut frames: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut batch: Vec<(u64, u64)> = Vec::with_capacity(1024);
+    loop {
+        if !raw.is_empty() {
+            let t = now_ns();
+            body.feed(&raw, &mut frames)?;
+            raw.clear();
+            let mut start = 0;
+            while let Some(end) = frame_end.find(&frames[start..]) {
+                if let Some(id) = frame_id(&frames[start..start + end]) {
+                    batch.push((id, t));
+                }
+                start += end + 2;
             }
-            start += end + 2;
+            if start == frames.len() {
+                frames.clear();
+            } else {
+                frames.drain(..start);
+            }
+            if !batch.is_empty() {
+                received.lock().unwrap().append(&mut batch);
+            }
         }
-        buf.drain(..start);
-        if !batch.is_empty() {
-            received.lock().unwrap().append(&mut batch);
+        if socket.read_buf(&mut raw).await? == 0 {
+            return Ok(());
         }
     }
-    Ok(())
+}
+
+/// HTTP/1.1 chunked transfer decoding, fed any split of the bytes.
+struct Dechunk {
+    chunked: bool,
+    /// Data bytes left in the current chunk, then its CRLF (2 bytes).
+    data_left: usize,
+    crlf_left: usize,
+    /// The size line read so far (hex digits, extensions), without its CRLF.
+    size_line: Vec<u8>,
+}
+
+impl Dechunk {
+    fn new(chunked: bool) -> Self {
+        Dechunk {
+            chunked,
+            data_left: 0,
+            crlf_left: 0,
+            size_line: Vec::new(),
+        }
+    }
+
+    /// Appends the data bytes in `input` to `out`.
+    fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        if !self.chunked {
+            out.extend_from_slice(input);
+            return Ok(());
+        }
+        while !input.is_empty() {
+            if self.data_left > 0 {
+                let n = self.data_left.min(input.len());
+                out.extend_from_slice(&input[..n]);
+                self.data_left -= n;
+                input = &input[n..];
+            } else if self.crlf_left > 0 {
+                let n = self.crlf_left.min(input.len());
+                self.crlf_left -= n;
+                input = &input[n..];
+            } else {
+                let Some(nl) = memchr::memchr(b'\n', input) else {
+                    self.size_line.extend_from_slice(input);
+                    if self.size_line.len() > 1024 {
+                        bail!("a chunk size line over 1 KiB");
+                    }
+                    return Ok(());
+                };
+                self.size_line.extend_from_slice(&input[..nl]);
+                input = &input[nl + 1..];
+                let line = std::str::from_utf8(&self.size_line)?;
+                let hex = line
+                    .trim_end_matches('\r')
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim();
+                let size = usize::from_str_radix(hex, 16)
+                    .with_context(|| format!("bad chunk size line {line:?}"))?;
+                self.size_line.clear();
+                if size == 0 {
+                    bail!("the SSE body ended");
+                }
+                self.data_left = size;
+                self.crlf_left = 2;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The `id:` of an SSE frame: its first line for Quiver's frames, else found by scanning.
@@ -897,7 +1005,6 @@ async fn quiver_phase(
     row: &mut Row,
 ) -> Result<()> {
     let event_type = format!("bench.p{phase}");
-    let sse_http = http_client(sse_clients.max(1))?;
     let url = format!("{base}/v1/events/stream?types={event_type}");
     let mut subs = Vec::new();
     let mut handles = Vec::new();
@@ -907,7 +1014,6 @@ async fn quiver_phase(
             let received: Received = Arc::new(Mutex::new(Vec::new()));
             let (tx, rx) = tokio::sync::oneshot::channel();
             handles.push(tokio::spawn(sse_client(
-                sse_http.clone(),
                 url.clone(),
                 Arc::clone(&received),
                 tx,
@@ -1173,11 +1279,12 @@ async fn run_target(
             } else {
                 QuiverMode::Post
             };
-            let fsync = match target.trim_end_matches("-ndjson").trim_end_matches("-mux") {
-                "quiver-always" => "always",
-                "quiver-1s" => "interval=1000",
-                _ => "never",
-            };
+            let (fsync, fsync_label) =
+                match target.trim_end_matches("-ndjson").trim_end_matches("-mux") {
+                    "quiver-always" => ("always", "always"),
+                    "quiver-1s" => ("interval=1000", "1s"),
+                    _ => ("never", "never"),
+                };
             let (proc, base) = start_quiver(args, fsync).await?;
             for &rate in &rates {
                 *phase += 1;
@@ -1197,7 +1304,7 @@ async fn run_target(
                 eprintln!("  {target} {}: {row:?}", row.rate);
                 rows.push(row);
             }
-            if target.starts_with("quiver-always") && args.fanout_clients > 0 {
+            if args.fanout_fsync.iter().any(|f| f == fsync_label) && args.fanout_clients > 0 {
                 *phase += 1;
                 let mut row = new_row(format!(
                     "{}/s, {} SSE clients",

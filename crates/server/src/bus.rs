@@ -4,8 +4,10 @@
 //! record once, renders its event envelope once into an [`EventFrame`] and publishes it on a
 //! bounded `tokio::sync::broadcast` ring (the "live tail"). A [`Subscription`] reads that ring;
 //! when it falls behind (`Lagged`) it reads the log files itself, in bounded pages, from its own
-//! next seq until it reaches the live tail again, skipping what it already sent. It also owns
-//! the bus statistics (counters, per-subscriber positions, delivery latency).
+//! next seq until it reaches the live tail again, skipping what it already sent. With many
+//! subscribers, a ticker task wakes the stream writers in cohorts, one cohort per ms, so each
+//! writes a few ms' worth of events at once and the writes spread evenly over time. It also owns the bus statistics (counters,
+//! per-subscriber positions, delivery latency).
 //!
 //! It must never block a writer (publishing never waits for a subscriber), never lose or
 //! duplicate an event for a subscriber (every subscriber sees every seq from its start once,
@@ -555,6 +557,11 @@ struct Inner {
     error_counts: Mutex<BTreeMap<String, u64>>,
     latency: Latency,
     started_at: Instant,
+    /// Signalled after each publish; the ticker waits on it.
+    published: tokio::sync::Notify,
+    /// The coalescing ticks, one per cohort of subscribers: a stream writer that gathers
+    /// events waits on its cohort's, and the ticker wakes one cohort per ms (see [`ticker`]).
+    ticks: [tokio::sync::Notify; COALESCE_MS_MAX as usize],
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -590,6 +597,17 @@ impl Inner {
         // Dropping the sender wakes every receiver with `Closed`.
         lock(&self.sender).take();
         self.stopped_tx.send_replace(true);
+        // Writers waiting for a tick see the stop; the ticker ends.
+        for tick in &self.ticks {
+            tick.notify_waiters();
+        }
+        self.published.notify_one();
+    }
+
+    /// How long stream writers gather events, in ms (see [`Subscription::coalesce_ms`]).
+    fn coalesce_ms(&self) -> u64 {
+        let subscribers = self.subscriber_count.load(Ordering::Relaxed) as u64;
+        (subscribers / COALESCE_SUBSCRIBERS_PER_MS).min(COALESCE_MS_MAX)
     }
 
     fn count_error(&self, kind: &str) {
@@ -713,13 +731,15 @@ impl Inner {
             }
         }
         self.published_seq.store(last_seq, Ordering::Release);
+        self.published.notify_one();
     }
 }
 
 /// The bus. Kept in `AppState`; dropping the last handle stops the tailer.
 pub struct Bus {
     inner: Arc<Inner>,
-    tailer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The tailer and the ticker.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Bus {
@@ -758,17 +778,20 @@ impl Bus {
             error_counts: Mutex::new(BTreeMap::new()),
             latency: Latency::new(),
             started_at: Instant::now(),
+            published: tokio::sync::Notify::new(),
+            ticks: std::array::from_fn(|_| tokio::sync::Notify::new()),
         });
         let tailer = tokio::spawn(tail(Arc::clone(&inner), start_seq + 1));
+        let ticker = tokio::spawn(ticker(Arc::clone(&inner)));
         Arc::new(Bus {
             inner,
-            tailer: Mutex::new(Some(tailer)),
+            tasks: Mutex::new(vec![tailer, ticker]),
         })
     }
 
     /// Stops the tailer and ends every subscription (they return `None`). Idempotent.
     pub fn stop(&self) {
-        if let Some(handle) = lock(&self.tailer).take() {
+        for handle in lock(&self.tasks).drain(..) {
             handle.abort();
         }
         self.inner.stop();
@@ -782,9 +805,9 @@ impl Bus {
 
     pub fn is_running(&self) -> bool {
         !self.inner.stopped.load(Ordering::Acquire)
-            && lock(&self.tailer)
-                .as_ref()
-                .is_some_and(|h| !h.is_finished())
+            && lock(&self.tasks)
+                .first()
+                .is_some_and(|tailer| !tailer.is_finished())
     }
 
     pub fn log(&self) -> &Arc<FileLog> {
@@ -1029,6 +1052,59 @@ async fn tail(inner: Arc<Inner>, mut next: Seq) {
     inner.stop();
 }
 
+/// The ticker. With coalescing at `c` ms, subscribers fall in [`COALESCE_MS_MAX`] cohorts (by
+/// id) and cohort `k` is woken at every ms `m` with `m ≡ k (mod c)`: each writer still writes
+/// at most once per `c` ms, but a thousand writers' work is spread evenly over the interval
+/// instead of arriving as one burst per interval. Why: in a burst, every task that handles a
+/// publish or an ack queues behind a thousand writers (about 12 ms of work on this machine),
+/// and a commit that just missed a burst waits for the next; that queueing, not the
+/// coalescing, made most of the fan-out's latency tail. It ticks for one full interval after
+/// the last publish, so every cohort sees every event, and sleeps while nothing is published.
+async fn ticker(inner: Arc<Inner>) {
+    let clock_ms = |inner: &Inner| inner.started_at.elapsed().as_millis() as u64;
+    let mut seen_seq = inner.published_seq.load(Ordering::Acquire);
+    loop {
+        inner.published.notified().await;
+        if inner.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let published_seq = inner.published_seq.load(Ordering::Acquire);
+        if published_seq == seen_seq {
+            continue; // A publish this loop's last round already covered.
+        }
+        seen_seq = published_seq;
+        if inner.coalesce_ms() == 0 {
+            for tick in &inner.ticks {
+                tick.notify_waiters();
+            }
+            continue;
+        }
+        let mut last_ms = clock_ms(&inner);
+        let mut until_ms = last_ms + inner.coalesce_ms();
+        while last_ms < until_ms {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            if inner.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            let (now, c) = (clock_ms(&inner), inner.coalesce_ms().max(1));
+            // Every ms since the last round (a sleep can overrun), at most one interval's.
+            for m in (last_ms + 1)..=now.min(last_ms + c) {
+                let mut k = m % c;
+                while k < COALESCE_MS_MAX {
+                    inner.ticks[k as usize].notify_waiters();
+                    k += c;
+                }
+            }
+            last_ms = now.max(last_ms);
+            let published_seq = inner.published_seq.load(Ordering::Acquire);
+            if published_seq != seen_seq {
+                seen_seq = published_seq;
+                until_ms = last_ms + c;
+            }
+        }
+    }
+}
+
 /// One subscriber's ordered, gapless view of the log from its start, filtered.
 pub struct Subscription {
     inner: Arc<Inner>,
@@ -1097,8 +1173,29 @@ impl Subscription {
     /// the machine has, so latency would grow without bound; a few ms of gathering makes it a
     /// write per subscriber per tick.
     pub fn coalesce_ms(&self) -> u64 {
-        let subscribers = self.inner.subscriber_count.load(Ordering::Relaxed) as u64;
-        (subscribers / COALESCE_SUBSCRIBERS_PER_MS).min(COALESCE_MS_MAX)
+        self.inner.coalesce_ms()
+    }
+
+    /// Like [`Subscription::next`], but a frame from the live tail is returned only at this
+    /// subscriber's next coalescing tick (see [`ticker`]), by when the events since its last
+    /// write have gathered for [`Subscription::try_next`]. Catching up from the log does not
+    /// wait. Cancel-safe, like `next`.
+    pub async fn next_on_tick(&mut self) -> Result<Option<Arc<EventFrame>>, BusError> {
+        let inner = Arc::clone(&self.inner);
+        let cohort = (self.guard.slot.id % COALESCE_MS_MAX) as usize;
+        loop {
+            let tick = inner.ticks[cohort].notified();
+            tokio::pin!(tick);
+            // Registered before looking, so a tick between the look and the wait counts.
+            tick.as_mut().enable();
+            if let Some(frame) = self.try_next() {
+                return Ok(Some(frame));
+            }
+            if self.catching_up || self.closed || self.inner.stopped.load(Ordering::Acquire) {
+                return self.next().await;
+            }
+            tick.await;
+        }
     }
 
     /// The next matching event if one is at hand without waiting or reading the log (a

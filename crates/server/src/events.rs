@@ -312,7 +312,16 @@ fn sse_events(
             };
             let quiet_until = tokio::time::Instant::now() + heartbeat;
             loop {
-                let first = match tokio::time::timeout_at(quiet_until, sub.next()).await {
+                // Many subscribers: wait for this stream's tick, by when the events since its
+                // last write have gathered (see `bus::ticker`).
+                let next = async {
+                    if sub.coalesce_ms() > 0 {
+                        sub.next_on_tick().await
+                    } else {
+                        sub.next().await
+                    }
+                };
+                let first = match tokio::time::timeout_at(quiet_until, next).await {
                     Err(_) => {
                         let beat = Bytes::from_static(SSE_HEARTBEAT);
                         return Some((Ok(beat), SseState::Live(sub)));
@@ -330,13 +339,6 @@ fn sse_events(
                         return Some((Ok(Bytes::from(frame)), SseState::Done));
                     }
                 };
-                // Many subscribers: let this tick's events gather (every stream wakes on the
-                // same ms grid, so the bursts line up) and write them at once.
-                let (coalesce_ms, now) = (sub.coalesce_ms(), now_ms());
-                if let Some(tick) = now.checked_div(coalesce_ms) {
-                    let wait_ms = (tick + 1) * coalesce_ms - now;
-                    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-                }
                 let mut chunk = SseChunk::default();
                 let mut delivered: Vec<Arc<EventFrame>> = Vec::new();
                 let mut next = Some(first);
@@ -579,6 +581,10 @@ static EVENT_STREAMS: Slots = Slots::new(EVENT_STREAMS_LIMIT);
 /// and replying once it is durable).
 const EVENT_GROUPS_IN_FLIGHT_LIMIT: usize = 8;
 
+/// Groups of up to this many lines are appended on the async task (about 100 µs of parsing
+/// and encoding at most); larger ones on the blocking pool.
+const INLINE_GROUP_LINES_LIMIT: usize = 32;
+
 /// One line's outcome: its number and its seq or its error (status, code, detail).
 type LineOutcome = (u64, Result<Seq, (u16, String, String)>);
 
@@ -620,12 +626,21 @@ fn publish_stream(s: AppState, ctx: WriteCtx, body: Body) -> ApiResult<Response>
                             Err(_) => break,
                         }
                     }
-                    let (s, ctx) = (s.clone(), ctx.clone());
-                    // Appending may wait for room in the log's queue: off the async threads.
-                    let Ok(outcomes) =
-                        tokio::task::spawn_blocking(move || append_group(&s, &ctx, group)).await
-                    else {
-                        return;
+                    // A small group is appended on this task, as `POST /v1/events` appends its
+                    // one event: a hop to the blocking pool and back cost two thread switches
+                    // per group, which at the small groups of a pipelined publisher was most
+                    // of the server's CPU. A large one (up to `BATCH_LINES_LIMIT` lines to
+                    // parse) goes to the blocking pool, off the async threads.
+                    let outcomes = if group.len() <= INLINE_GROUP_LINES_LIMIT {
+                        append_group(&s, &ctx, group)
+                    } else {
+                        let (s, ctx) = (s.clone(), ctx.clone());
+                        match tokio::task::spawn_blocking(move || append_group(&s, &ctx, group))
+                            .await
+                        {
+                            Ok(outcomes) => outcomes,
+                            Err(_) => return,
+                        }
                     };
                     if appended_tx.send(outcomes).await.is_err() {
                         return;
