@@ -581,9 +581,9 @@ static EVENT_STREAMS: Slots = Slots::new(EVENT_STREAMS_LIMIT);
 /// and replying once it is durable).
 const EVENT_GROUPS_IN_FLIGHT_LIMIT: usize = 8;
 
-/// Groups of up to this many lines are appended on the async task (about 100 µs of parsing
+/// Groups of up to this many lines are appended on the async task (about 200 µs of parsing
 /// and encoding at most); larger ones on the blocking pool.
-const INLINE_GROUP_LINES_LIMIT: usize = 32;
+const INLINE_GROUP_LINES_LIMIT: usize = 128;
 
 /// One line's outcome: its number and its seq or its error (status, code, detail).
 type LineOutcome = (u64, Result<Seq, (u16, String, String)>);

@@ -711,6 +711,77 @@ async fn ndjson_publish_answers_every_line() {
     assert_eq!((st, one["seq"].as_u64()), (201, Some(before + 301)));
 }
 
+/// The next line of an NDJSON reply stream, parsed; `buf` holds what was read past it.
+async fn next_ndjson_reply(
+    replies: &mut (impl Stream<Item = reqwest::Result<axum::body::Bytes>> + Unpin),
+    buf: &mut Vec<u8>,
+) -> Value {
+    loop {
+        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let reply: Vec<u8> = buf.drain(..=end).collect();
+            return serde_json::from_slice(&reply).unwrap();
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await
+            .expect("a reply within 10 s: the line is not held back for more")
+            .expect("the reply stream ended early")
+            .unwrap();
+        buf.extend_from_slice(&chunk);
+    }
+}
+
+/// A pipelined publisher that sends one line and waits for its ack before the next (the
+/// small groups that are appended on the connection's own task, where a 300-line body goes to
+/// the blocking pool): each line is acknowledged on its own, in order, with its seq, without
+/// waiting for more lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ndjson_publish_acks_each_line_as_it_arrives() {
+    let s = start().await;
+    let mut sse = s.sse("?types=app.step", None).await;
+    let before = s.engine.log().durable_seq();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|line| (line, rx))
+    }));
+    let line = |i: u64| format!("{{\"type\":\"app.step\",\"data\":{{\"i\":{i}}}}}\n").into_bytes();
+    tx.send(Ok(line(0))).await.unwrap();
+    let response = s
+        .http
+        .post(format!("{}/v1/events", s.base))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut replies = response.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    for i in 0..40u64 {
+        if i > 0 {
+            tx.send(Ok(line(i))).await.unwrap();
+        }
+        let ack = next_ndjson_reply(&mut replies, &mut buf).await;
+        assert_eq!(ack["ok"], true, "{ack}");
+        assert_eq!(ack["line"], i + 1, "{ack}");
+        assert_eq!(ack["seq"], before + 1 + i, "{ack}");
+        assert!(
+            s.engine.log().durable_seq() >= before + 1 + i,
+            "acked only once durable"
+        );
+    }
+    drop(tx);
+    let summary = next_ndjson_reply(&mut replies, &mut buf).await;
+    assert_eq!(summary["summary"]["published"], 40, "{summary}");
+    assert_eq!(summary["summary"]["failed"], 0, "{summary}");
+    let is: Vec<u64> = sse
+        .events(40)
+        .await
+        .iter()
+        .map(|e| e["data"]["i"].as_u64().unwrap())
+        .collect();
+    assert_eq!(is, (0..40).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_resume_is_410_with_first_seq() {
     let s = start_with(|c| {
