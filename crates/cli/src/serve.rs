@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// bounds the write amplification of snapshots and the replay at start-up.
     #[arg(long, env = "QUIVER_SNAPSHOT_MIN_BYTES", default_value_t = 256 * 1024 * 1024)]
     snapshot_min_bytes: u64,
+    /// …or once applying the records since the last snapshot has taken this many ms, which
+    /// bounds the replay after a crash (an HNSW insert costs far more to replay than its
+    /// bytes suggest).
+    #[arg(long, env = "QUIVER_SNAPSHOT_REPLAY_MS", default_value_t = 60_000)]
+    snapshot_replay_ms: u64,
     /// Roll log segments at this size, in bytes.
     #[arg(long, env = "QUIVER_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
     segment_bytes: u64,
@@ -96,6 +101,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.reader_retention = args.reader_retention;
     config.snapshot_every_records = args.snapshot_every.max(1);
     config.snapshot_min_log_bytes = args.snapshot_min_bytes;
+    config.snapshot_replay_ms_limit = args.snapshot_replay_ms;
     config.segment_size_bytes_limit = args.segment_bytes;
     config.emit_search_events = args.emit_search_events;
     // Text becomes vectors through the registry: local models from the model cache (installed

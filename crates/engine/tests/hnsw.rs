@@ -317,3 +317,64 @@ fn optimize_drops_tombstones_and_keeps_results() {
     let flat = create(&engine, "opt-flat", None);
     assert!(!engine.optimize_index(&flat).expect("flat"));
 }
+
+/// The seqs of the snapshots in `data_dir`, oldest first.
+fn snapshot_seqs(data_dir: &std::path::Path) -> Vec<u64> {
+    let mut seqs: Vec<u64> = std::fs::read_dir(data_dir.join("snapshots"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter_map(|name| {
+                    name.strip_prefix("snapshot-")?
+                        .strip_suffix(".qsnap")?
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    seqs.sort_unstable();
+    seqs
+}
+
+/// The replay bound: HNSW inserts cost far more to replay than their log bytes suggest, so a
+/// snapshot follows once applying the records since the last one took
+/// `snapshot_replay_ms_limit`, even when the byte and record rules are nowhere near.
+#[test]
+fn a_snapshot_follows_when_replay_would_take_too_long() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |replay_ms_limit: u64| {
+        let mut c = EngineConfig::new(dir.path());
+        c.snapshot_every_records = u64::MAX / 2;
+        c.snapshot_min_log_bytes = u64::MAX / 2;
+        c.snapshot_replay_ms_limit = replay_ms_limit;
+        c
+    };
+    // The control: with the bound out of reach nothing triggers a snapshot (the loop looks
+    // every 500 ms).
+    let engine = Engine::open(config(u64::MAX)).expect("open");
+    let lib = create(&engine, "graph", Some("hnsw"));
+    fill(&engine, &lib, &vectors(21, 1000));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(snapshot_seqs(dir.path()), Vec::<u64>::new());
+    engine.close().expect("close"); // writes the shutdown snapshot
+    drop(engine);
+    let at_close = snapshot_seqs(dir.path());
+    assert_eq!(at_close.len(), 1);
+
+    // With a 1 ms bound, a thousand graph inserts (tens of ms to apply) bring a snapshot at
+    // the loop's next look.
+    let engine = Engine::open(config(1)).expect("reopen");
+    fill(&engine, &lib, &vectors(22, 1000));
+    let want = engine.applied_seq();
+    assert!(want > at_close[0]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while snapshot_seqs(dir.path()).last() != Some(&want) {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot at seq {want}: {:?}",
+            snapshot_seqs(dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -14,6 +14,7 @@ fn config(dir: &std::path::Path) -> EngineConfig {
     c.retention = Retention::NONE;
     c.segment_size_bytes_limit = 4096;
     c.snapshot_every_records = u64::MAX;
+    c.snapshot_replay_ms_limit = u64::MAX;
     c
 }
 

@@ -761,6 +761,7 @@ fn tight_log(dir: &std::path::Path, reader_limit_bytes: Option<u64>) -> EngineCo
     c.retention = quiver_engine::Retention::NONE;
     c.snapshot_every_records = u64::MAX / 2;
     c.snapshot_min_log_bytes = u64::MAX / 2;
+    c.snapshot_replay_ms_limit = u64::MAX;
     if let Some(b) = reader_limit_bytes {
         c.reader_retention = quiver_engine::Retention {
             max_age: None,
