@@ -616,6 +616,17 @@ async fn publish_round_trip_and_reserved_types() {
     );
 }
 
+/// `POST /v1/events` with an NDJSON body (whole, or streamed line by line).
+async fn post_ndjson(s: &Server, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    s.http
+        .post(format!("{}/v1/events", s.base))
+        .header("content-type", "application/x-ndjson")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// NDJSON publish: one event per line on one request, each line answered with its seq once
 /// durable (or its own error), a summary at the end; bad lines commit nothing and cost only
 /// themselves; the stream sees exactly the good ones, in line order.
@@ -643,14 +654,7 @@ async fn ndjson_publish_answers_every_line() {
             _ => {}
         }
     }
-    let r = s
-        .http
-        .post(format!("{}/v1/events", s.base))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_ndjson(&s, body).await;
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     let lines: Vec<Value> = text
@@ -745,14 +749,7 @@ async fn ndjson_publish_acks_each_line_as_it_arrives() {
     }));
     let line = |i: u64| format!("{{\"type\":\"app.step\",\"data\":{{\"i\":{i}}}}}\n").into_bytes();
     tx.send(Ok(line(0))).await.unwrap();
-    let response = s
-        .http
-        .post(format!("{}/v1/events", s.base))
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = post_ndjson(&s, body).await;
     assert_eq!(response.status(), 200);
     let mut replies = response.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
