@@ -10,14 +10,14 @@
 //! bar never touches stdout; the event tail resumes from its resume file and across a server
 //! restart.
 
+mod common;
+
 use assert_cmd::Command;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
-
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ------------------------------------------------------------------ the server
 
@@ -33,30 +33,7 @@ impl Server {
     }
 
     fn start_at(data_dir: &Path, addr: &str) -> Server {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_quiver"))
-            .args(["serve", "--addr", addr, "--fsync", "never", "--data-dir"])
-            .arg(data_dir)
-            .env("QUIVER_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn quiver serve");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(START_TIMEOUT)
-            .expect("quiver serve printed its address");
-        let url = line
-            .trim()
-            .strip_prefix("quiver listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line from quiver serve: {line:?}"))
-            .to_string();
+        let (child, url) = common::spawn_serve(data_dir, addr, &["--fsync", "never"], false);
         Server { child, url }
     }
 

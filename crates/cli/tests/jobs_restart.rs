@@ -6,10 +6,11 @@
 //! from the vectors it had staged (they are in the log) and switches the library to the new
 //! model and dimension.
 
+mod common;
+
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 struct Server {
@@ -29,42 +30,9 @@ fn launch(data_dir: &Path) -> Server {
 }
 
 fn launch_with(data_dir: &Path, extra: &[&std::ffi::OsStr]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quiver"))
-        .args([
-            "serve",
-            "--addr",
-            "127.0.0.1:0",
-            "--job-workers",
-            "1",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .args(extra)
-        .env("QUIVER_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn quiver serve");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let mut reader = BufReader::new(stdout);
-        let _ = reader.read_line(&mut line);
-        let _ = tx.send(line);
-        // Keep the pipe open until the process ends.
-        let mut sink = String::new();
-        while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the server prints its address");
-    let base = line
-        .trim_end()
-        .strip_prefix("quiver listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--job-workers".as_ref(), "1".as_ref()];
+    args.extend_from_slice(extra);
+    let (child, base) = common::spawn_serve(data_dir, "127.0.0.1:0", &args, true);
     Server { child, base }
 }
 

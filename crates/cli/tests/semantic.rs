@@ -7,11 +7,11 @@
 //! (`.ci/run` does it: `cargo run -p quiver-embed --example embed_tool -- install …`). When it
 //! is not, the test says so and skips — unless `QUIVER_REQUIRE_MODELS=1` (CI), where it fails.
 
+mod common;
+
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
 
 const MINILM: &str = "local:all-minilm-l6-v2";
 
@@ -44,40 +44,14 @@ struct Server {
 
 impl Server {
     fn start(data_dir: &Path, models: &Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_quiver"))
-            .args([
-                "serve",
-                "--addr",
-                "127.0.0.1:0",
-                "--fsync",
-                "never",
-                "--no-model-install",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--model-dir")
-            .arg(models)
-            .env("QUIVER_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn quiver serve");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("quiver serve printed its address");
-        let url = line
-            .trim()
-            .strip_prefix("quiver listening on ")
-            .expect("the address line")
-            .to_string();
+        let args: [&std::ffi::OsStr; 5] = [
+            "--fsync".as_ref(),
+            "never".as_ref(),
+            "--no-model-install".as_ref(),
+            "--model-dir".as_ref(),
+            models.as_os_str(),
+        ];
+        let (child, url) = common::spawn_serve(data_dir, "127.0.0.1:0", &args, false);
         Server { child, url }
     }
 

@@ -9,17 +9,17 @@
 //! writes that were durable but whose reply was lost in the kill — never anything else, and
 //! with seqs gapless from the resume point to the recovered end and on into new writes.
 
+mod common;
+
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 const EVENT_TYPE: &str = "resume.test";
 
@@ -31,40 +31,8 @@ struct Server {
 
 impl Server {
     fn start(data_dir: &Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_quiver"))
-            .args(["serve", "--addr", "127.0.0.1:0", "--fsync", "always"])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("QUIVER_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn quiver serve");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            // Drain the rest so the server never blocks on stdout.
-            let mut sink = Vec::new();
-            let _ = reader.read_to_end(&mut sink);
-        });
-        let line = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("quiver serve did not print its address within {START_TIMEOUT:?}");
-            }
-        };
-        let base = line
-            .trim_end()
-            .strip_prefix("quiver listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let (child, base) =
+            common::spawn_serve(data_dir, "127.0.0.1:0", &["--fsync", "always"], true);
         Server { child, base }
     }
 

@@ -23,9 +23,10 @@
 //! throughput ratio is asserted only with `QUIVER_STRICT_PERF=1` (memory and completeness are
 //! asserted always).
 
+mod common;
+
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,39 +63,7 @@ struct Server {
 
 impl Server {
     fn start(data_dir: &std::path::Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_quiver"))
-            .args(["serve", "--addr", "127.0.0.1:0", "--fsync", FSYNC])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("QUIVER_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn quiver serve");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            let mut sink = Vec::new();
-            let _ = reader.read_to_end(&mut sink);
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("quiver serve did not print its address within 30 s");
-            }
-        };
-        let base = line
-            .trim_end()
-            .strip_prefix("quiver listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let (child, base) = common::spawn_serve(data_dir, "127.0.0.1:0", &["--fsync", FSYNC], true);
         let addr = base.trim_start_matches("http://").to_string();
         Server { child, base, addr }
     }

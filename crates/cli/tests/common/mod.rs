@@ -1,0 +1,64 @@
+//! What the CLI crate's integration tests share: starting the real `quiver serve` binary.
+//!
+//! Every test file is its own crate and pulls this in with `mod common;`. It owns only the
+//! start-up handshake (spawn, wait for the address line, drain stdout), never what a test does
+//! with the server, so each file keeps its own `Server` with the methods it needs.
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// How long `quiver serve` may take to print its address (it loads a snapshot and replays the
+/// log first; a loaded CI machine can be slow).
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Spawns `quiver serve --addr <addr> --data-dir <data_dir> <args…>` with logs at `warn`,
+/// waits for its `quiver listening on <url>` line and returns the child and the URL. stderr is
+/// the test's own when `show_stderr`, else discarded. The rest of stdout is drained on a
+/// thread, so the server never blocks on a full pipe. If no address line comes within
+/// [`START_TIMEOUT`], the child is killed before the panic, so no server outlives its test.
+pub fn spawn_serve<S: AsRef<OsStr>>(
+    data_dir: &Path,
+    addr: &str,
+    args: &[S],
+    show_stderr: bool,
+) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quiver"))
+        .args(["serve", "--addr", addr, "--data-dir"])
+        .arg(data_dir)
+        .args(args)
+        .env("QUIVER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(if show_stderr {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .expect("spawn quiver serve");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        let mut sink = Vec::new();
+        let _ = reader.read_to_end(&mut sink);
+    });
+    let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();
+    match line.trim().strip_prefix("quiver listening on ") {
+        Some(url) => {
+            let url = url.to_string();
+            (child, url)
+        }
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("quiver serve did not print its address within {START_TIMEOUT:?} (first line: {line:?})");
+        }
+    }
+}
