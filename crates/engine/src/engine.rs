@@ -329,6 +329,14 @@ impl Engine {
         &self.config
     }
 
+    /// Whether a commit holds the write lock right now: a hint, stale as soon as it is read.
+    /// An async caller with a small write (an application event) runs it in place when
+    /// nothing is committing and goes to a blocking thread when something is, since a batch
+    /// into an HNSW library holds the lock for as long as its graph inserts take.
+    pub fn write_in_progress(&self) -> bool {
+        self.write_lock.is_locked()
+    }
+
     /// The highest `seq` applied to the state that reads see.
     pub fn applied_seq(&self) -> Seq {
         self.applied_seq.load(Ordering::Acquire)

@@ -564,7 +564,17 @@ fn append_one(s: &AppState, mut ctx: WriteCtx, req: PublishEvent) -> ApiResult<S
 
 async fn publish_one(s: &AppState, ctx: WriteCtx, req: PublishEvent) -> ApiResult<Response> {
     let event_type = req.event_type.clone();
-    let seq = append_one(s, ctx, req)?;
+    // In place unless another commit holds the write lock (see `Engine::write_in_progress`).
+    let seq = if s.engine.write_in_progress() {
+        let s2 = s.clone();
+        tokio::task::spawn_blocking(move || append_one(&s2, ctx, req))
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })??
+    } else {
+        append_one(s, ctx, req)?
+    };
     s.engine.wait_durable(seq).await?;
     Ok((
         StatusCode::CREATED,
@@ -626,12 +636,15 @@ fn publish_stream(s: AppState, ctx: WriteCtx, body: Body) -> ApiResult<Response>
                             Err(_) => break,
                         }
                     }
-                    // A small group is appended on this task, as `POST /v1/events` appends its
-                    // one event: a hop to the blocking pool and back cost two thread switches
+                    // A small group is appended on this task when no other commit holds the
+                    // write lock: a hop to the blocking pool and back cost two thread switches
                     // per group, which at the small groups of a pipelined publisher was most
                     // of the server's CPU. A large one (up to `BATCH_LINES_LIMIT` lines to
-                    // parse) goes to the blocking pool, off the async threads.
-                    let outcomes = if group.len() <= INLINE_GROUP_LINES_LIMIT {
+                    // parse), or one that would wait for another writer's commit, goes to the
+                    // blocking pool, off the async threads.
+                    let inline =
+                        group.len() <= INLINE_GROUP_LINES_LIMIT && !s.engine.write_in_progress();
+                    let outcomes = if inline {
                         append_group(&s, &ctx, group)
                     } else {
                         let (s, ctx) = (s.clone(), ctx.clone());
