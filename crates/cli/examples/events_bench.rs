@@ -710,6 +710,9 @@ async fn sse_client(
             } else {
                 frames.drain(..start);
             }
+            if frames.len() > SSE_FRAME_BYTES_LIMIT {
+                bail!("SSE {url}: no frame end in {SSE_FRAME_BYTES_LIMIT} bytes");
+            }
             if !batch.is_empty() {
                 received.lock().unwrap().append(&mut batch);
             }
@@ -719,6 +722,9 @@ async fn sse_client(
         }
     }
 }
+
+/// The longest SSE frame the measuring client buffers (the server's are under 100 KiB).
+const SSE_FRAME_BYTES_LIMIT: usize = 16 << 20;
 
 /// HTTP/1.1 chunked transfer decoding, fed any split of the bytes.
 struct Dechunk {
