@@ -6,8 +6,8 @@
 //! when it falls behind (`Lagged`) it reads the log files itself, in bounded pages, from its own
 //! next seq until it reaches the live tail again, skipping what it already sent. With many
 //! subscribers, a ticker task wakes the stream writers in cohorts, one cohort per ms, so each
-//! writes a few ms' worth of events at once and the writes spread evenly over time. It also owns the bus statistics (counters,
-//! per-subscriber positions, delivery latency).
+//! writes a few ms' worth of events at once and the writes spread evenly over time. It also
+//! owns the bus statistics (counters, per-subscriber positions, delivery latency).
 //!
 //! It must never block a writer (publishing never waits for a subscriber), never lose or
 //! duplicate an event for a subscriber (every subscriber sees every seq from its start once,
