@@ -13,6 +13,7 @@
 //! Exit codes: 0 success; 1 any error (HTTP, transport, bad input, bad command line); 2 an
 //! ingest in which some lines were refused while the rest committed.
 
+mod alloc;
 mod chunk;
 mod client;
 mod commands;
@@ -24,11 +25,9 @@ mod sse;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-/// mimalloc instead of glibc's malloc: the event path allocates a handful of small buffers per
-/// event (parsed line, record, ring entry, frame), and at 70k events/s glibc's allocator was
-/// about 13 % of the server's CPU (`_int_malloc`, `_int_free`, `malloc_consolidate`).
+/// mimalloc for small blocks, the system allocator for large ones ([`alloc`] says why).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::Routed = alloc::Routed;
 
 #[derive(Parser)]
 #[command(
