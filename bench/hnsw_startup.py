@@ -55,6 +55,8 @@ from datetime import datetime
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import ndjson_upload  # noqa: E402  (bench/ndjson_upload.py, beside this script)
 LIBRARY = "startup"
 MIB = 1024.0 * 1024.0
 SELF_QUERIES = 10
@@ -236,69 +238,18 @@ def ndjson_chunks(base, first, count, batch):
 
 def stream_ingest(server, library_id, base, first, count, batch):
     """Streams rows [first, first+count) as one NDJSON upload; returns (seconds, summary)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=3600)
-    conn.putrequest("POST", f"/v1/libraries/{library_id}/documents/stream", skip_accept_encoding=True)
-    conn.putheader("Content-Type", "application/x-ndjson")
-    conn.putheader("Transfer-Encoding", "chunked")
-    state = {"ok": 0, "failed": 0, "first_error": None, "summary": None, "end": None, "error": None}
-
-    def reader():
-        try:
-            resp = conn.getresponse()
-            if resp.status != 200:
-                state["error"] = f"the stream answered {resp.status}: {resp.read()[:500]!r}"
-                return
-            rest = b""
-            while True:
-                data = resp.read1(1 << 20)
-                if not data:
-                    break
-                data = rest + data
-                cut = data.rfind(b"\n") + 1
-                done, rest = data[:cut], data[cut:]
-                state["ok"] += done.count(b'"ok":true')
-                bad = done.count(b'"ok":false')
-                if bad:
-                    state["failed"] += bad
-                    if state["first_error"] is None:
-                        at = done.find(b'"ok":false')
-                        state["first_error"] = done[done.rfind(b"\n", 0, at) + 1 : done.find(b"\n", at)].decode()
-                at = done.find(b'{"summary"')
-                if at >= 0:
-                    state["end"] = time.perf_counter()
-                    state["summary"] = json.loads(done[at : done.find(b"\n", at)])["summary"]
-        except Exception as e:  # reported below
-            state["error"] = f"reading replies failed: {e!r}"
-
-    def sender():
-        try:
-            for chunk in ndjson_chunks(base, first, count, batch):
-                conn.sock.sendall(chunk)
-        except OSError as e:
-            state["error"] = state["error"] or f"sending failed: {e!r}"
-
-    conn.endheaders()
-    started = time.perf_counter()
-    threads = [threading.Thread(target=reader), threading.Thread(target=sender)]
-    for t in threads:
-        t.start()
-    while threads[0].is_alive():
-        threads[0].join(timeout=30)
-        elapsed = time.perf_counter() - started
+    def progress(state, elapsed):
         log(f"  ingest: {state['ok']:,}/{count:,} acknowledged after {elapsed:.0f} s "
             f"({state['ok'] / elapsed:,.0f} vectors/s)")
-    threads[1].join()
-    conn.close()
-    if state["error"]:
-        raise RuntimeError(state["error"])
-    summary = state["summary"]
-    if summary is None:
-        raise RuntimeError("the stream ended without a summary line")
-    if (state["ok"] != count or state["failed"] or summary.get("lines") != count
+
+    r = ndjson_upload.upload("127.0.0.1", server.port, f"/v1/libraries/{library_id}/documents/stream",
+                             ndjson_chunks(base, first, count, batch), progress=progress)
+    summary = r["summary"]
+    if (r["ok"] != count or r["failed"] or summary.get("lines") != count
             or summary.get("committed") != count or summary.get("failed") != 0 or summary.get("error")):
-        raise RuntimeError(f"{state['ok']} lines ok, {state['failed']} failed, summary {summary}; "
-                           f"first failure: {state['first_error']}")
-    return state["end"] - started, summary
+        raise RuntimeError(f"{r['ok']} lines ok, {r['failed']} failed, summary {summary}; "
+                           f"first failure: {r['first_error']}")
+    return r["seconds"], summary
 
 
 def index_status(server, library_id):

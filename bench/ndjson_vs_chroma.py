@@ -47,6 +47,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import ndjson_upload  # noqa: E402  (bench/ndjson_upload.py, beside this script)
 LIBRARY = "bench"
 GOAL_VECTORS_PER_SECOND = 50_000
 GOAL_RATIO = 3.0
@@ -188,59 +190,9 @@ def stream_ingest(server, chunks):
 
     Returns (wall seconds until the summary line, ok lines, failed lines, summary, first error line).
     """
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=600)
-    conn.putrequest("POST", f"/v1/libraries/{LIBRARY}/documents/stream", skip_accept_encoding=True)
-    conn.putheader("Content-Type", "application/x-ndjson")
-    conn.putheader("Transfer-Encoding", "chunked")
-    result = {"ok": 0, "failed": 0, "summary": None, "first_error": None, "end": None, "error": None}
-
-    def reader():
-        try:
-            resp = conn.getresponse()
-            if resp.status != 200:
-                result["error"] = f"stream answered {resp.status}: {resp.read()[:500]!r}"
-                return
-            rest = b""
-            while True:
-                data = resp.read1(1 << 20)
-                if not data:
-                    break
-                data = rest + data
-                cut = data.rfind(b"\n") + 1
-                done, rest = data[:cut], data[cut:]
-                result["ok"] += done.count(b'"ok":true')
-                bad = done.count(b'"ok":false')
-                if bad:
-                    result["failed"] += bad
-                    if result["first_error"] is None:
-                        at = done.find(b'"ok":false')
-                        start = done.rfind(b"\n", 0, at) + 1
-                        result["first_error"] = done[start : done.find(b"\n", at)].decode()
-                at = done.find(b'{"summary"')
-                if at >= 0:
-                    result["end"] = time.perf_counter()
-                    result["summary"] = json.loads(done[at : done.find(b"\n", at)])["summary"]
-            if rest.strip():
-                result["error"] = f"unterminated reply line: {rest[:200]!r}"
-        except Exception as e:  # reported by the caller
-            result["error"] = f"reading replies failed: {e!r}"
-
-    conn.endheaders()
-    thread = threading.Thread(target=reader)
-    thread.start()
-    started = time.perf_counter()
-    try:
-        for c in chunks:
-            conn.sock.sendall(c)
-    except OSError as e:
-        result["error"] = result["error"] or f"sending failed: {e!r}"
-    thread.join()
-    conn.close()
-    if result["error"]:
-        raise RuntimeError(result["error"])
-    if result["end"] is None:
-        raise RuntimeError("the stream ended without a summary line")
-    return result["end"] - started, result["ok"], result["failed"], result["summary"], result["first_error"]
+    r = ndjson_upload.upload(server.host, server.port, f"/v1/libraries/{LIBRARY}/documents/stream",
+                             chunks, timeout=600)
+    return r["seconds"], r["ok"], r["failed"], r["summary"], r["first_error"]
 
 
 def verify_quiver(server, ids, texts, metas, vectors):

@@ -564,17 +564,10 @@ fn append_one(s: &AppState, mut ctx: WriteCtx, req: PublishEvent) -> ApiResult<S
 
 async fn publish_one(s: &AppState, ctx: WriteCtx, req: PublishEvent) -> ApiResult<Response> {
     let event_type = req.event_type.clone();
-    // In place unless another commit holds the write lock (see `Engine::write_in_progress`).
-    let seq = if s.engine.write_in_progress() {
-        let s2 = s.clone();
-        tokio::task::spawn_blocking(move || append_one(&s2, ctx, req))
-            .await
-            .map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            })??
-    } else {
-        append_one(s, ctx, req)?
-    };
+    let s2 = s.clone();
+    let seq = append_where_cheap(s, true, move || append_one(&s2, ctx, req))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))??;
     s.engine.wait_durable(seq).await?;
     Ok((
         StatusCode::CREATED,
@@ -594,6 +587,26 @@ const EVENT_GROUPS_IN_FLIGHT_LIMIT: usize = 8;
 /// Groups of up to this many lines are appended on the async task (about 200 µs of parsing
 /// and encoding at most); larger ones on the blocking pool.
 const INLINE_GROUP_LINES_LIMIT: usize = 128;
+
+/// Runs an event append: on this task when the work is `small` and no other commit holds the
+/// engine's write lock (`Engine::write_in_progress`), on the blocking pool otherwise. Why: a
+/// hop to the blocking pool and back costs two thread switches, which at the small groups of a
+/// pipelined publisher was most of the server's CPU; but a large group has much to parse, and
+/// a batch into an HNSW library holds the lock for as long as its graph inserts take, and
+/// neither may stall an async worker. `Err` only if the blocking task failed.
+async fn append_where_cheap<T: Send + 'static>(
+    s: &AppState,
+    small: bool,
+    append: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    if small && !s.engine.write_in_progress() {
+        Ok(append())
+    } else {
+        tokio::task::spawn_blocking(append)
+            .await
+            .map_err(|e| format!("the append task failed: {e}"))
+    }
+}
 
 /// One line's outcome: its number and its seq or its error (status, code, detail).
 type LineOutcome = (u64, Result<Seq, (u16, String, String)>);
@@ -636,24 +649,12 @@ fn publish_stream(s: AppState, ctx: WriteCtx, body: Body) -> ApiResult<Response>
                             Err(_) => break,
                         }
                     }
-                    // A small group is appended on this task when no other commit holds the
-                    // write lock: a hop to the blocking pool and back cost two thread switches
-                    // per group, which at the small groups of a pipelined publisher was most
-                    // of the server's CPU. A large one (up to `BATCH_LINES_LIMIT` lines to
-                    // parse), or one that would wait for another writer's commit, goes to the
-                    // blocking pool, off the async threads.
-                    let inline =
-                        group.len() <= INLINE_GROUP_LINES_LIMIT && !s.engine.write_in_progress();
-                    let outcomes = if inline {
-                        append_group(&s, &ctx, group)
-                    } else {
-                        let (s, ctx) = (s.clone(), ctx.clone());
-                        match tokio::task::spawn_blocking(move || append_group(&s, &ctx, group))
-                            .await
-                        {
-                            Ok(outcomes) => outcomes,
-                            Err(_) => return,
-                        }
+                    let small = group.len() <= INLINE_GROUP_LINES_LIMIT;
+                    let (s2, ctx2) = (s.clone(), ctx.clone());
+                    let appended =
+                        append_where_cheap(&s, small, move || append_group(&s2, &ctx2, group));
+                    let Ok(outcomes) = appended.await else {
+                        return;
                     };
                     if appended_tx.send(outcomes).await.is_err() {
                         return;

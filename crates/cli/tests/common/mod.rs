@@ -5,7 +5,7 @@
 //! with the server, so each file keeps its own `Server` with the methods it needs.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -16,8 +16,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Spawns `quiver serve --addr <addr> --data-dir <data_dir> <args…>` with logs at `warn`,
 /// waits for its `quiver listening on <url>` line and returns the child and the URL. stderr is
-/// the test's own when `show_stderr`, else discarded. The rest of stdout is drained on a
-/// thread, so the server never blocks on a full pipe. If no address line comes within
+/// the test's own when `show_stderr`, else discarded. The rest of stdout is read and dropped
+/// on a thread, so the server never blocks on a full pipe. If no address line comes within
 /// [`START_TIMEOUT`], the child is killed before the panic, so no server outlives its test.
 pub fn spawn_serve<S: AsRef<OsStr>>(
     data_dir: &Path,
@@ -46,8 +46,8 @@ pub fn spawn_serve<S: AsRef<OsStr>>(
         let mut line = String::new();
         let _ = reader.read_line(&mut line);
         let _ = tx.send(line);
-        let mut sink = Vec::new();
-        let _ = reader.read_to_end(&mut sink);
+        // Discarded as it comes (not collected), so a chatty server costs no memory here.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
     });
     let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();
     match line.trim().strip_prefix("quiver listening on ") {
