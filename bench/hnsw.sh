@@ -12,14 +12,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-VENV="${BENCH_VENV:-bench/.venv}"
-PYTHON="$VENV/bin/python"
-if [ ! -x "$PYTHON" ]; then
-    python3 -m venv "$VENV"
-fi
-if ! "$PYTHON" -c 'import faiss, hnswlib, numpy' 2>/dev/null; then
-    "$PYTHON" -m pip install --quiet numpy hnswlib faiss-cpu
-fi
+. bench/venv.sh
+bench_venv "${BENCH_VENV:-bench/.venv}" "faiss, hnswlib, numpy" numpy hnswlib faiss-cpu
 
 cargo build --release -p quiver-index --example hnsw_bench
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"

@@ -16,14 +16,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-VENV="${BENCH_VENV:-bench/.venv}"
-PYTHON="$VENV/bin/python"
-if [ ! -x "$PYTHON" ]; then
-    python3 -m venv "$VENV"
-fi
-if ! "$PYTHON" -c 'import numpy' 2>/dev/null; then
-    "$PYTHON" -m pip install --quiet numpy
-fi
+. bench/venv.sh
+bench_venv "${BENCH_VENV:-bench/.venv}" numpy numpy
 
 cargo build --release -p quiver --bin quiver
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"

@@ -7,6 +7,7 @@
 //!
 //! Layout:
 //! - [`routes`] — one handler per route of the contract.
+//! - [`dashboard`] — the web page at `/dashboard`, a client of the same public API.
 //! - [`stream`] — NDJSON ingest, export and streamed search.
 //! - [`jobs`] — background jobs (`/v1/jobs`), run by the `quiver-jobs` crate.
 //! - [`slots`] — bounds on long-lived work (WebSocket sessions, NDJSON uploads).
@@ -19,6 +20,7 @@
 
 pub mod bus;
 pub mod consumers;
+pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -131,6 +133,7 @@ fn app(
         .layer(axum::Extension(consumers))
         .merge(extra)
         .merge(jobs::router(jobs_state))
+        .merge(dashboard::router())
         .fallback(routes::not_found)
         .layer(middleware::from_fn(trace_layer))
         .layer(DefaultBodyLimit::max(

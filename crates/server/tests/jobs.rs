@@ -474,7 +474,14 @@ async fn index_rebuild_and_optimize() {
         "{j}"
     );
     assert_eq!(j["result"]["tombstones_after"], 0, "{j}");
-    let optimized = (1..=engine.applied_seq()).any(|s| {
+    // The job reads as completed once its records are applied; the log serves them once they
+    // are durable too (fsync can lag on a loaded machine), so wait for that before reading.
+    let applied = engine.applied_seq();
+    engine
+        .wait_durable(applied)
+        .await
+        .expect("the applied records become durable");
+    let optimized = (1..=applied).any(|s| {
         engine
             .log()
             .read_from(s, 1, 1 << 20)
