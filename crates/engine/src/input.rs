@@ -154,6 +154,12 @@ pub fn new_id() -> uuid::Uuid {
 }
 
 /// A vector from exactly one of `embedding` / `embedding_b64`, or `None` when neither is set.
+///
+/// A JSON array arrives without its length, so serde grows the vector by doubling: a 384-,
+/// 768- or 1536-d vector ends up with room for 512, 1024 or 2048 components. The chunk keeps
+/// this vector for as long as it lives, so it is copied into an exact allocation here, once
+/// (not `shrink_to_fit`: mimalloc, the server's allocator, keeps a block that shrinks by less
+/// than half, so that would free nothing).
 pub fn pick_vector(
     embedding: Option<Vec<f32>>,
     b64: Option<B64Vector>,
@@ -163,6 +169,7 @@ pub fn pick_vector(
             "invalid_vector",
             "send either `embedding` or `embedding_b64`, not both",
         )),
+        (Some(v), None) if v.capacity() > v.len() => Ok(Some(v.as_slice().to_vec())),
         (Some(v), None) => Ok(Some(v)),
         (None, Some(B64Vector(v))) => v.map(Some),
         (None, None) => Ok(None),
@@ -401,4 +408,22 @@ pub fn prepare_document_deferred(
         },
         needs,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vector parsed from JSON keeps no spare capacity (serde alone would leave a 384-d
+    /// vector with room for 512).
+    #[test]
+    fn a_json_vector_is_trimmed_to_its_length() {
+        let text = format!("[{}]", vec!["0.5"; 384].join(","));
+        let parsed: Vec<f32> = serde_json::from_str(&text).expect("a JSON array");
+        assert!(parsed.capacity() > parsed.len(), "serde over-allocates");
+        let v = pick_vector(Some(parsed), None)
+            .expect("valid")
+            .expect("a vector");
+        assert_eq!((v.len(), v.capacity()), (384, 384));
+    }
 }
