@@ -230,6 +230,20 @@ impl Page {
         }
     }
 
+    /// Waits until the library table shows `name` with these document and chunk counts.
+    async fn wait_for_counts(&mut self, name: &str, documents: u64, chunks: u64) {
+        let expression = format!(
+            "(() => {{ const r = [...document.querySelectorAll('#libraries tbody tr')].find(r => r.cells[0].textContent === {name});
+                      return !!r && r.cells[4].textContent === '{documents}' && r.cells[5].textContent === '{chunks}'; }})()",
+            name = json!(name),
+        );
+        self.wait_for(
+            &format!("{name} with {documents} documents and {chunks} chunks"),
+            &expression,
+        )
+        .await;
+    }
+
     /// The seqs in the feed, oldest first.
     async fn feed_seqs(&mut self) -> Vec<u64> {
         let value = self
@@ -351,12 +365,7 @@ async fn the_dashboard_follows_the_stream_in_a_real_browser() {
         &format!("document.querySelector('#events tr[data-seq=\"{first}\"] td.type')?.textContent === 'document.added'"),
     )
     .await;
-    page.wait_for(
-        "the library's new counts",
-        "(() => { const r = [...document.querySelectorAll('#libraries tbody tr')].find(r => r.cells[0].textContent === 'news');
-                  return r && r.cells[4].textContent === '1' && r.cells[5].textContent === '2'; })()",
-    )
-    .await;
+    page.wait_for_counts("news", 1, 2).await;
 
     // A name that looks like HTML is shown as text and runs nothing.
     let trap = "<img src=x onerror=\"window.__injected=1\">";
@@ -472,12 +481,7 @@ async fn the_dashboard_follows_the_stream_in_a_real_browser() {
         &format!("!!document.querySelector('#events tr[data-seq=\"{newest}\"]')"),
     )
     .await;
-    page.wait_for(
-        "the library's counts after the restart",
-        "(() => { const r = [...document.querySelectorAll('#libraries tbody tr')].find(r => r.cells[0].textContent === 'news');
-                  return r && r.cells[4].textContent === '6'; })()",
-    )
-    .await;
+    page.wait_for_counts("news", 6, 12).await;
 
     // The feed holds the history before the snapshot (seq 1, the library's creation), then
     // every later change once, in order: exactly the log's seqs 1..=newest, no gap, no repeat,

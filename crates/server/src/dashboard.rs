@@ -1,5 +1,6 @@
 //! The dashboard: one web page (`GET /dashboard`) that shows the libraries, a live feed of the
-//! change stream, search and the event bus's statistics, built only on the public v1 API.
+//! change stream, search, the event bus's statistics, consumer groups and jobs, built only on
+//! the public v1 API.
 //!
 //! This module owns serving the page's three files, which are compiled into the binary
 //! (`assets/dashboard/`), so the page works offline and matches the server's version. It must

@@ -44,6 +44,9 @@ const state = {
   /** The newest events, oldest first; trimmed to FEED_EVENTS_LIMIT in batches. */
   feed: [],
   paused: false,
+  /** Says, until the page is reloaded, that the feed has a hole (events that left the log
+   * before the page could read them), so no loss goes unseen. */
+  notice: '',
   /** Events that arrived while the feed was paused. */
   pausedArrivals: 0,
   feedDirty: false,
@@ -304,7 +307,10 @@ async function streamLoop() {
       if (response.status === 410) {
         // The resume point left the log's retention: the snapshot is the only way back.
         reason = await errorOf(response);
+        const missedFrom = state.lastSeq + 1;
         await loadSnapshot();
+        state.notice = 'events ' + missedFrom + '–' + state.lastSeq + ' left the log before the page read them; ' +
+          'the libraries were re-read at seq ' + state.lastSeq;
       } else if (!response.ok) {
         reason = await errorOf(response);
       } else {
@@ -374,7 +380,7 @@ function render() {
   countArrival(0);
   byId('rate').textContent = (state.arrivals.reduce((a, b) => a + b, 0) / RATE_WINDOW_SECONDS).toFixed(1);
   if (state.librariesDirty) { state.librariesDirty = false; renderLibraries(); state.feedDirty = true; }
-  byId('feed-note').textContent = state.paused ? 'paused; ' + state.pausedArrivals + ' new since' : '';
+  byId('feed-note').textContent = state.paused ? 'paused; ' + state.pausedArrivals + ' new since' : state.notice;
   if (state.feedDirty && !state.paused) { state.feedDirty = false; renderFeed(); }
 }
 
