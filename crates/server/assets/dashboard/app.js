@@ -282,7 +282,6 @@ async function readFrames(body) {
       if (reason) { reader.cancel().catch(() => {}); return reason; }
     }
     buffer = buffer.slice(start);
-    byId('last-seq').textContent = String(state.lastSeq);
     if (buffer.length > FRAME_CHARS_LIMIT) { reader.cancel().catch(() => {}); return 'an event larger than the page takes'; }
   }
 }
@@ -378,6 +377,7 @@ function countArrival(n) {
 
 function render() {
   countArrival(0);
+  byId('last-seq').textContent = String(state.lastSeq);
   byId('rate').textContent = (state.arrivals.reduce((a, b) => a + b, 0) / RATE_WINDOW_SECONDS).toFixed(1);
   if (state.librariesDirty) { state.librariesDirty = false; renderLibraries(); state.feedDirty = true; }
   byId('feed-note').textContent = state.paused ? 'paused; ' + state.pausedArrivals + ' new since' : state.notice;
