@@ -31,6 +31,8 @@ import websocket  # websocket-client
 BATCH_INTERVAL_S = 0.01
 CATCH_UP_LIMIT_S = 60
 START_LIMIT_S = 30
+# DevTools messages skipped while waiting for one reply.
+CDP_MESSAGES_SKIPPED_LIMIT = 10_000
 
 
 class Page:
@@ -43,10 +45,11 @@ class Page:
         self.next_id += 1
         self.ws.send(json.dumps({"id": request_id, "method": "Runtime.evaluate",
                                  "params": {"expression": expression, "returnByValue": True}}))
-        while True:
+        for _ in range(CDP_MESSAGES_SKIPPED_LIMIT):
             reply = json.loads(self.ws.recv())
             if reply.get("id") == request_id:
                 return reply["result"]["result"].get("value")
+        raise RuntimeError(f"no DevTools reply among {CDP_MESSAGES_SKIPPED_LIMIT} messages")
 
 
 def cpu_seconds(group):
@@ -118,6 +121,7 @@ def main():
         devtools = int(open(port_file).read().split()[0])
         ws_url = None
         while ws_url is None:
+            assert time.monotonic() - started < START_LIMIT_S, "chromium did not list the page"
             targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{devtools}/json/list"))
             ws_url = next((t["webSocketDebuggerUrl"] for t in targets
                            if t["type"] == "page" and t["url"].startswith(url)), None)
@@ -139,7 +143,8 @@ def main():
                 time.sleep(1)
                 head = health_seq(host, port)
                 page_seq = page.eval("state.lastSeq")
-                lags.append(head - page_seq)
+                # The head is read first, so the page can be ahead of it by the events in between.
+                lags.append(max(0, head - page_seq))
                 states.add(page.eval("document.getElementById('stream-state').dataset.state"))
             publisher.join()
             published_at = time.monotonic()
