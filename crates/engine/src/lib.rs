@@ -17,6 +17,8 @@
 //! - [`input`] — wire shapes of writes and their validation into domain values.
 //! - [`filter`] — metadata filters, parsed once and evaluated during the scan.
 //! - [`snapshot`] — the snapshot file format (log frames) and its checks.
+//! - `replica` — being one replica of a log kept in NATS JetStream: the position in the stream
+//!   at start-up and the follower thread (commits and folds are the engine's).
 //! - [`error`] — `EngineError`, one variant per kind of HTTP status.
 
 mod ann;
@@ -25,6 +27,7 @@ pub mod error;
 pub mod events;
 pub mod filter;
 pub mod input;
+mod replica;
 mod snapshot;
 pub mod state;
 
@@ -33,4 +36,4 @@ pub use engine::{
     WriteCtx,
 };
 pub use error::{EngineError, Result};
-pub use quiver_log::{FsyncPolicy, Retention, Seq};
+pub use quiver_log::{FsyncPolicy, JetStreamConfig, Retention, Seq};

@@ -51,6 +51,11 @@ pub enum LogError {
 
     #[error("the log directory {} is locked by another process", dir.display())]
     Locked { dir: PathBuf },
+
+    /// The replicated log (JetStream) cannot be reached or refused the call; nothing was
+    /// written by the call that failed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl LogError {

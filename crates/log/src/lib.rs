@@ -12,6 +12,10 @@
 //! the last segment may be cut. Anything else is reported as corruption with
 //! file and byte offset, because a log that guesses is a database that lies.
 //!
+//! [`jetstream`] is the same log kept in a NATS JetStream stream, for servers
+//! that run as replicas of one log (DESIGN principle 5): there each replica's
+//! [`FileLog`] is its local copy of the stream, written under the same seqs.
+//!
 //! Limits are explicit (`*_limit` in [`LogConfig`], constants in [`config`]),
 //! invariants are asserted on both sides of the disk boundary (before a frame
 //! is written and after it is read), and units come last in names.
@@ -20,6 +24,7 @@ pub mod atomic;
 pub mod config;
 pub mod error;
 pub mod frame;
+pub mod jetstream;
 mod log;
 mod recent;
 mod recovery;
@@ -33,6 +38,7 @@ pub use atomic::write_atomic;
 pub use config::{FsyncPolicy, LogConfig, Retention};
 pub use error::{LogError, ParseError};
 pub use frame::DecodeResult;
+pub use jetstream::{Envelope, JetStreamConfig, JetStreamLog, Published};
 pub use log::{FileLog, LogStats, Recovery, LOCK_FILE_NAME};
 pub use recent::{RECENT_BYTES_LIMIT_DEFAULT, RECENT_RECORDS_LIMIT};
 

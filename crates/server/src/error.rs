@@ -43,6 +43,10 @@ impl ApiError {
             EngineError::Unavailable { code, .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, code.to_string())
             }
+            EngineError::Log(quiver_log::LogError::Unavailable(_)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "log_unavailable".to_string(),
+            ),
             EngineError::Log(quiver_log::LogError::RecordTooLarge { .. }) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "record_too_large".to_string(),
@@ -74,7 +78,9 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let (status, code, detail) = ApiError::parts(&e);
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!("{code}: {e}");
+        } else if status.is_server_error() {
             tracing::error!("internal error: {e}");
         }
         ApiError::new(status, code, detail)

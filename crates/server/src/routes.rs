@@ -35,6 +35,12 @@ pub async fn health(State(s): State<AppState>) -> Json<Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "seq": st.applied_seq,
         "durable_seq": st.durable_seq,
+        "log": match &st.replica {
+            None => json!({"backend": "file"}),
+            Some((stream, msg_seq)) => {
+                json!({"backend": "jetstream", "stream": stream, "stream_msg_seq": msg_seq})
+            }
+        },
         "uptime_seconds": s.engine.started_at.elapsed().as_secs(),
     }))
 }
