@@ -193,6 +193,11 @@ async fn wait_tcp(port: u16) -> Result<()> {
 }
 
 async fn start_quiver(args: &Args, fsync: &str) -> Result<(Proc, String)> {
+    start_quiver_with(args, fsync, &[]).await
+}
+
+/// `quiver serve` with extra flags (the JetStream targets' `--jetstream-url …`).
+async fn start_quiver_with(args: &Args, fsync: &str, extra: &[String]) -> Result<(Proc, String)> {
     let dir = tempdir(args)?;
     let mut child = Command::new(&args.server_bin)
         .args([
@@ -204,6 +209,7 @@ async fn start_quiver(args: &Args, fsync: &str) -> Result<(Proc, String)> {
             "--data-dir",
         ])
         .arg(dir.path())
+        .args(extra)
         .env("QUIVER_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1001,9 +1007,11 @@ enum QuiverMode {
     Mux,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn quiver_phase(
     args: &Args,
     base: &str,
+    sub_base: &str,
     phase: usize,
     rate: Rate,
     sse_clients: usize,
@@ -1011,7 +1019,8 @@ async fn quiver_phase(
     row: &mut Row,
 ) -> Result<()> {
     let event_type = format!("bench.p{phase}");
-    let url = format!("{base}/v1/events/stream?types={event_type}");
+    // The subscribers read `sub_base`: the same server, or another replica of its log.
+    let url = format!("{sub_base}/v1/events/stream?types={event_type}");
     let mut subs = Vec::new();
     let mut handles = Vec::new();
     for chunk_start in (0..sse_clients).step_by(100) {
@@ -1244,6 +1253,8 @@ fn durability(target: &str) -> &'static str {
         "quiver-1s" => "`--fsync interval=1000`: 201 after write(2), fdatasync every 1 s",
         "quiver-never" => "`--fsync never`: 201 after write(2), no fsync",
         "jetstream" => "file storage, server default: ack after the store write, no fsync per message (fsync of blocks every 2 min)",
+        "quiver-jetstream" => "one replica on a JetStream log (`--jetstream-url`, `--fsync always`): 201 after JetStream's ack (as `jetstream`) and the local fdatasync",
+        "quiver-jetstream-2" => "two replicas of one JetStream log: published to A, SSE read on B (ack → SSE is A's 201 → B's frame)",
         "jetstream-always" => "file storage, `sync_interval: always`",
         "redis-always" => "`appendonly yes`, `appendfsync always`",
         "redis-everysec" => "`appendonly yes`, `appendfsync everysec`",
@@ -1299,7 +1310,7 @@ async fn run_target(
                 with_cpu(
                     proc.pid(),
                     &mut row,
-                    quiver_phase(args, &base, *phase, rate, 1, mode, &mut inner),
+                    quiver_phase(args, &base, &base, *phase, rate, 1, mode, &mut inner),
                 )
                 .await?;
                 row = Row {
@@ -1323,6 +1334,7 @@ async fn run_target(
                     quiver_phase(
                         args,
                         &base,
+                        &base,
                         *phase,
                         Rate::Fixed(args.fanout_rate),
                         args.fanout_clients,
@@ -1340,6 +1352,52 @@ async fn run_target(
                 rows.push(row);
             }
             proc.stop().await;
+        }
+        "quiver-jetstream" | "quiver-jetstream-2" => {
+            let (nats, port) = start_nats(args, false).await?;
+            let flags = vec![
+                "--jetstream-url".to_string(),
+                format!("nats://127.0.0.1:{port}"),
+            ];
+            let (a, base) = start_quiver_with(args, "always", &flags).await?;
+            let second = if target == "quiver-jetstream-2" {
+                Some(start_quiver_with(args, "always", &flags).await?)
+            } else {
+                None
+            };
+            let sub_base = second.as_ref().map_or(base.clone(), |(_, b)| b.clone());
+            for &rate in &rates {
+                *phase += 1;
+                let mut row = new_row(rate.label());
+                let mut inner = row.clone();
+                with_cpu(
+                    a.pid(),
+                    &mut row,
+                    quiver_phase(
+                        args,
+                        &base,
+                        &sub_base,
+                        *phase,
+                        rate,
+                        1,
+                        QuiverMode::Post,
+                        &mut inner,
+                    ),
+                )
+                .await?;
+                row = Row {
+                    server_cpu_s: row.server_cpu_s,
+                    bench_cpu_s: row.bench_cpu_s,
+                    ..inner
+                };
+                eprintln!("  {target} {}: {row:?}", row.rate);
+                rows.push(row);
+            }
+            if let Some((b, _)) = second {
+                b.stop().await;
+            }
+            a.stop().await;
+            nats.stop().await;
         }
         "jetstream" | "jetstream-always" => {
             let always = target == "jetstream-always";

@@ -177,11 +177,14 @@ async fn seq_of(c: &reqwest::Client, r: &Replica) -> u64 {
     health(c, r).await["seq"].as_u64().expect("health.seq")
 }
 
-/// Waits until `r` has applied `seq` (it folds other replicas' writes within milliseconds).
+/// Waits until `seq` is durable on `r` (it folds other replicas' writes within milliseconds;
+/// the event routes serve durable records only).
 async fn wait_for_seq(c: &reqwest::Client, r: &Replica, seq: u64) {
     let started = Instant::now();
     loop {
-        let at = seq_of(c, r).await;
+        let at = health(c, r).await["durable_seq"]
+            .as_u64()
+            .expect("health.durable_seq");
         if at >= seq {
             return;
         }
@@ -440,6 +443,9 @@ async fn replicas_catch_up_after_sigkill_and_from_empty() {
     )
     .await;
     assert_eq!(docs["num_documents"], 60, "{docs}");
+    for r in [&a, &b, &n] {
+        wait_for_seq(&c, r, last).await;
+    }
     let (ea, eb, en) = (
         events(&c, &a).await,
         events(&c, &b).await,
@@ -500,6 +506,11 @@ async fn oversized_commits_and_outages_are_clear_errors() {
     )
     .await;
     assert_eq!(body["error"], "record_too_large", "{body}");
+    let detail = body["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains("max_payload"),
+        "the detail names the knob: {detail}"
+    );
     assert_eq!(seq_of(&c, &a).await, before, "nothing was written");
     expect(
         c.get(a.url(&format!("/v1/libraries/{lib}/documents/big"))),

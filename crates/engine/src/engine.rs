@@ -522,7 +522,7 @@ impl Engine {
                     detail: "another replica wrote to the shared log at the same moment; nothing was written: retry the request".into(),
                 })
             }
-            Err(e @ LogError::RecordTooLarge { .. }) => Err(e.into()),
+            Err(e @ LogError::MessageTooLarge { .. }) => Err(e.into()),
             Err(e) => Err(EngineError::Unavailable {
                 code: "log_unavailable",
                 detail: format!("the shared log did not take the write ({e}); it may or may not have been stored: read before retrying"),

@@ -270,8 +270,12 @@ mod tests {
             "seqs stay gapless across replicas"
         );
         wait_for(&a, third.seq);
-        // Both local logs hold the same records, byte for byte, and no refused one.
-        let read = |e: &Engine| e.log().read_from(1, 100, usize::MAX).expect("read log");
+        // Both local logs hold the same records, byte for byte, and no refused one (reads
+        // serve durable records only: wait for the fsync that follows the apply).
+        let read = |e: &Engine| {
+            e.log().wait_durable(third.seq).expect("durable");
+            e.log().read_from(1, 100, usize::MAX).expect("read log")
+        };
         let (la, lb) = (read(&a), read(&b));
         assert_eq!(la, lb);
         assert_eq!(la.len() as u64, third.seq);

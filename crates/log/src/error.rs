@@ -52,6 +52,14 @@ pub enum LogError {
     #[error("the log directory {} is locked by another process", dir.display())]
     Locked { dir: PathBuf },
 
+    /// A commit does not fit in one JetStream message (a commit is one message, so that it is
+    /// all or nothing).
+    #[error("the change is {size_bytes} bytes once encoded; the NATS server's max_payload allows {limit_bytes}: raise max_payload in nats-server.conf (up to 64 MiB) or send smaller batches")]
+    MessageTooLarge {
+        size_bytes: usize,
+        limit_bytes: usize,
+    },
+
     /// The replicated log (JetStream) cannot be reached or refused the call; nothing was
     /// written by the call that failed.
     #[error("{0}")]

@@ -37,8 +37,11 @@ const HEADER_BYTES: usize = 12;
 /// Most records one message may carry (a commit of this many records is refused before it is
 /// published): bounds what decoding one message may allocate.
 pub const ENVELOPE_RECORDS_LIMIT: usize = 1 << 20;
-/// Messages the follower may hold for the engine before it stops reading the stream.
-pub const FOLLOW_QUEUE_LIMIT: usize = 256;
+/// Messages the follower may hold for the engine before it stops reading the stream: at most
+/// this many times the server's `max_payload` bytes (64 MiB at the default 1 MiB).
+pub const FOLLOW_QUEUE_LIMIT: usize = 64;
+/// Below this `max_payload` a batch of documents may not fit in one commit: warned at start.
+const MESSAGE_BYTES_ADVISED: usize = 8 << 20;
 /// Longest the follower waits before retrying a failed subscription.
 const FOLLOW_RETRY_MS_MAX: u64 = 5_000;
 
@@ -268,8 +271,21 @@ impl JetStreamLog {
             let max_payload = client.server_info().max_payload;
             Ok((context, stream, max_payload))
         })
-        .and_then(|r| r.map_err(unavailable))?;
-        let (context, stream, max_payload) = connected;
+        .and_then(|r| r.map_err(unavailable));
+        let (context, stream, max_payload) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                // Never a blocking drop: this may run where a runtime is already current.
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
+        if max_payload < MESSAGE_BYTES_ADVISED {
+            tracing::warn!(
+                max_payload,
+                "the NATS server's max_payload is under 8 MiB: a commit (one document, or one group of a batch or NDJSON ingest) larger than it is refused with 413; raise max_payload in nats-server.conf (up to 64 MiB)"
+            );
+        }
         Ok(JetStreamLog {
             runtime: Some(runtime),
             context,
@@ -306,17 +322,17 @@ impl JetStreamLog {
         payloads: &[Vec<u8>],
     ) -> Result<Published, LogError> {
         if payloads.len() > ENVELOPE_RECORDS_LIMIT {
-            return Err(LogError::RecordTooLarge {
-                size_bytes: payloads.len(),
-                limit_bytes: ENVELOPE_RECORDS_LIMIT as u32,
-            });
+            return Err(LogError::InvalidConfig(format!(
+                "a commit of {} records exceeds the {ENVELOPE_RECORDS_LIMIT} one message may carry",
+                payloads.len()
+            )));
         }
         let body = encode_envelope(first_seq, payloads);
         // Headers (the expected sequence) take well under 256 bytes.
         if body.len() + 256 > self.message_bytes_limit {
-            return Err(LogError::RecordTooLarge {
+            return Err(LogError::MessageTooLarge {
                 size_bytes: body.len(),
-                limit_bytes: self.message_bytes_limit.saturating_sub(256) as u32,
+                limit_bytes: self.message_bytes_limit.saturating_sub(256),
             });
         }
         let context = self.context.clone();

@@ -47,7 +47,10 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "log_unavailable".to_string(),
             ),
-            EngineError::Log(quiver_log::LogError::RecordTooLarge { .. }) => (
+            EngineError::Log(
+                quiver_log::LogError::RecordTooLarge { .. }
+                | quiver_log::LogError::MessageTooLarge { .. },
+            ) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "record_too_large".to_string(),
             ),
@@ -61,6 +64,7 @@ impl ApiError {
             }) => {
                 format!("the change is {size_bytes} bytes once encoded; the log's record limit is {limit_bytes}")
             }
+            EngineError::Log(e @ quiver_log::LogError::MessageTooLarge { .. }) => e.to_string(),
             EngineError::Conflict { detail, .. } | EngineError::Unavailable { detail, .. } => {
                 detail.clone()
             }
