@@ -14,7 +14,7 @@
 # redis-always, quiver-never, quiver-1s, redis-everysec by default; also quiver-*-ndjson (an
 # NDJSON publish request per publisher) and quiver-*-mux (one NDJSON publish request shared by
 # every publisher, pipelined, as a NATS client shares its connection), quiver-jetstream (Quiver
-# on a JetStream log, one replica) and quiver-jetstream-2 (two replicas: publish to one, SSE
+# on a JetStream log, one replica; -mux: with one shared NDJSON publish) and quiver-jetstream-2 (two replicas: publish to one, SSE
 # from the other) (`--targets` to choose). Also the fan-out phase: 1,000
 # SSE clients at 1,000 events/s (`--fanout-clients`, `--fanout-rate`; on the `always` targets, or
 # those `--fanout-fsync always,never` names). Honours CARGO_TARGET_DIR.

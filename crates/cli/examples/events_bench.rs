@@ -1254,6 +1254,7 @@ fn durability(target: &str) -> &'static str {
         "quiver-never" => "`--fsync never`: 201 after write(2), no fsync",
         "jetstream" => "file storage, server default: ack after the store write, no fsync per message (fsync of blocks every 2 min)",
         "quiver-jetstream" => "one replica on a JetStream log (`--jetstream-url`, `--fsync always`): 201 after JetStream's ack (as `jetstream`) and the local fdatasync",
+        "quiver-jetstream-mux" => "one replica on a JetStream log, one NDJSON publish shared by all publishers: a JetStream message per group of lines",
         "quiver-jetstream-2" => "two replicas of one JetStream log: published to A, SSE read on B (ack → SSE is A's 201 → B's frame)",
         "jetstream-always" => "file storage, `sync_interval: always`",
         "redis-always" => "`appendonly yes`, `appendfsync always`",
@@ -1353,7 +1354,12 @@ async fn run_target(
             }
             proc.stop().await;
         }
-        "quiver-jetstream" | "quiver-jetstream-2" => {
+        "quiver-jetstream" | "quiver-jetstream-mux" | "quiver-jetstream-2" => {
+            let mode = if target.ends_with("-mux") {
+                QuiverMode::Mux
+            } else {
+                QuiverMode::Post
+            };
             let (nats, port) = start_nats(args, false).await?;
             let flags = vec![
                 "--jetstream-url".to_string(),
@@ -1373,16 +1379,7 @@ async fn run_target(
                 with_cpu(
                     a.pid(),
                     &mut row,
-                    quiver_phase(
-                        args,
-                        &base,
-                        &sub_base,
-                        *phase,
-                        rate,
-                        1,
-                        QuiverMode::Post,
-                        &mut inner,
-                    ),
+                    quiver_phase(args, &base, &sub_base, *phase, rate, 1, mode, &mut inner),
                 )
                 .await?;
                 row = Row {
