@@ -343,7 +343,8 @@ async fn replicas_share_one_log() {
         .expect("SSE task");
     assert_eq!(ids, (1..=from_a).collect::<Vec<u64>>(), "SSE ids on B");
 
-    // Concurrent writers on both replicas. A 409 is retried, as a client would.
+    // Concurrent writers on both replicas. The server retries a write another replica beat;
+    // a 409 that still comes back (sustained contention) is retried as a client would.
     let mut tasks = Vec::new();
     for w in 0..4 {
         let (c, base) = (c.clone(), if w % 2 == 0 { &a } else { &b }.base.clone());
@@ -425,6 +426,14 @@ async fn replicas_catch_up_after_sigkill_and_from_empty() {
         last = add_doc(&c, &a, &lib, &format!("d{i}"), [i as f32, 1.0, 0.0, 0.0]).await;
     }
     wait_for_seq(&c, &b, last).await;
+    let id_of = |h: Value| {
+        h["log"]["replica_id"]
+            .as_str()
+            .expect("replica_id")
+            .to_string()
+    };
+    let (id_a, id_b) = (id_of(health(&c, &a).await), id_of(health(&c, &b).await));
+    assert_ne!(id_a, id_b, "each replica has its own id");
 
     // B dies; A goes on writing; B comes back and serves only once it has all of it.
     b.kill9();
@@ -433,9 +442,16 @@ async fn replicas_catch_up_after_sigkill_and_from_empty() {
     }
     let b = Replica::start(&tmp.path().join("b"), &nats, "s2");
     assert_eq!(seq_of(&c, &b).await, last, "B caught up before serving");
+    assert_eq!(
+        id_of(health(&c, &b).await),
+        id_b,
+        "B keeps its id across a restart"
+    );
     // A new replica with an empty data directory folds the whole stream.
     let n = Replica::start(&tmp.path().join("new"), &nats, "s2");
     assert_eq!(seq_of(&c, &n).await, last, "the new replica caught up");
+    let id_n = id_of(health(&c, &n).await);
+    assert!(id_n != id_a && id_n != id_b, "a new replica gets a new id");
     let docs = expect(
         c.get(n.url(&format!("/v1/libraries/{lib}"))),
         200,

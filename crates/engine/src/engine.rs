@@ -12,7 +12,8 @@
 //!
 //! With a JetStream log (see the `replica` module), a commit is first published to the stream
 //! on condition that the stream has not moved since this replica last folded it; a refusal
-//! is a `write_conflict` that changed nothing. Other replicas' messages are folded (appended
+//! changed nothing and is retried after folding the winner (`retry_conflicts`), then is a
+//! `write_conflict`. Other replicas' messages are folded (appended
 //! locally, applied) under the same write lock, so the two never interleave.
 //!
 //! Reads may see a change up to one group commit before its writer is acknowledged (the
@@ -157,8 +158,9 @@ pub struct EngineStats {
     pub last_snapshot_seq: Seq,
     pub log_size_bytes: u64,
     pub libraries: usize,
-    /// With a JetStream log: the stream's name and the last message this replica folded.
-    pub replica: Option<(String, u64)>,
+    /// With a JetStream log: the stream's name, the last message this replica folded and the
+    /// replica's id.
+    pub replica: Option<(String, u64, String)>,
 }
 
 /// Reports the oldest seq one kind of durable reader still needs, and which reader of that kind
@@ -193,6 +195,9 @@ pub struct Engine {
     /// The last stream message folded (a copy of `WriterState::stream_msg_seq`, for stats).
     stream_msg_seq: AtomicU64,
     follow_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// With a JetStream log: this replica's name, kept in `<data_dir>/replica_id`, so work
+    /// that must happen once (a job) knows whose it is.
+    replica_id: Option<String>,
     pub started_at: Instant,
 }
 
@@ -316,6 +321,10 @@ impl Engine {
             }
         };
         let folded_msg_seq = position.as_ref().map_or(0, |p| p.folded_msg_seq);
+        let replica_id = match &stream {
+            Some(_) => Some(replica::replica_id(&config.data_dir)?),
+            None => None,
+        };
 
         let engine = Arc::new(Engine {
             config,
@@ -339,16 +348,11 @@ impl Engine {
             stream,
             stream_msg_seq: AtomicU64::new(folded_msg_seq),
             follow_thread: Mutex::new(None),
+            replica_id,
             started_at: Instant::now(),
         });
         let weak = Arc::downgrade(&engine);
-        let handle = std::thread::Builder::new()
-            .name("quiver-snapshot".into())
-            .spawn(move || snapshot_loop(weak))
-            .map_err(|e| EngineError::Io {
-                path: "snapshot thread".into(),
-                source: e,
-            })?;
+        let handle = spawn_thread("quiver-snapshot", move || snapshot_loop(weak))?;
         *engine.snapshot_thread.lock() = Some(handle);
         if let Some(position) = position {
             engine.start_following(position)?;
@@ -371,13 +375,7 @@ impl Engine {
             w.stream_msg_seq + 1
         };
         let weak = Arc::downgrade(self);
-        let handle = std::thread::Builder::new()
-            .name("quiver-follow".into())
-            .spawn(move || follow_loop(weak))
-            .map_err(|e| EngineError::Io {
-                path: "follower thread".into(),
-                source: e,
-            })?;
+        let handle = spawn_thread("quiver-follow", move || follow_loop(weak))?;
         let waker = handle.thread().clone();
         let inbox = stream.follow(from, move || waker.unpark());
         self.write_lock.lock().inbox = Some(inbox);
@@ -530,6 +528,40 @@ impl Engine {
         }
     }
 
+    /// Runs a write, and on a replica runs it again when another replica committed first
+    /// (up to [`CONFLICT_RETRIES_LIMIT`] times, after the follower has folded the winner), so a
+    /// client sees `409 write_conflict` only under sustained contention. `write` must build
+    /// its commit from scratch each time: validation has to see the winner's change.
+    fn retry_conflicts<U>(&self, mut write: impl FnMut() -> Result<U>) -> Result<U> {
+        let mut retries = 0;
+        loop {
+            match write() {
+                Err(EngineError::Conflict {
+                    code: "write_conflict",
+                    ..
+                }) if self.stream.is_some() && retries < CONFLICT_RETRIES_LIMIT => {
+                    retries += 1;
+                    self.wait_for_stream_head();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits (bounded) until the follower has folded the stream's current last message.
+    fn wait_for_stream_head(&self) {
+        let Some(stream) = &self.stream else {
+            return;
+        };
+        let Ok((_, last)) = stream.bounds() else {
+            return; // the retry will report what is wrong
+        };
+        let deadline = Instant::now() + Duration::from_millis(CONFLICT_FOLD_WAIT_MS_MAX);
+        while self.stream_msg_seq.load(Ordering::Acquire) < last && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     /// Applies records just appended to the log at `first..`, in order.
     fn apply_appended(&self, first: Seq, records: Vec<Record>) {
         assert_eq!(
@@ -572,6 +604,11 @@ impl Engine {
             .min()
     }
 
+    /// This replica's name when the log is a JetStream stream (`None` on the embedded log).
+    pub fn replica_id(&self) -> Option<&str> {
+        self.replica_id.as_deref()
+    }
+
     pub fn log(&self) -> &Arc<FileLog> {
         &self.log
     }
@@ -606,6 +643,7 @@ impl Engine {
                 (
                     s.config().stream.clone(),
                     self.stream_msg_seq.load(Ordering::Acquire),
+                    self.replica_id.clone().unwrap_or_default(),
                 )
             }),
         }
@@ -933,29 +971,33 @@ impl Engine {
         let lib = self.library_for_write(library)?;
         let doc = input::prepare_document(&lib, doc, self.embedder.as_ref())?;
         let doc_id = doc.id.clone();
-        self.commit(
-            ctx,
-            |cat, now| {
-                let shard = cat
-                    .shard(&lib.id)
-                    .ok_or_else(|| EngineError::not_found("library", library))?;
-                let change = stamp(&shard.state.read(), doc, now, &mut Default::default());
-                let created = matches!(
-                    change,
-                    Change::DocumentUpserted {
-                        replaced: false,
-                        ..
-                    }
-                );
-                Ok((vec![change], created))
-            },
-            |cat, created, _| {
-                let doc = cat
-                    .shard(&lib.id)
-                    .and_then(|s| s.state.read().document(&doc_id).cloned());
-                (doc.expect("the document was just applied"), created)
-            },
-        )
+        let mut retained = Retained::new(doc, self.stream.is_some());
+        self.retry_conflicts(|| {
+            let doc = retained.take().ok_or_else(no_spare)?;
+            self.commit(
+                ctx,
+                |cat, now| {
+                    let shard = cat
+                        .shard(&lib.id)
+                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let change = stamp(&shard.state.read(), doc, now, &mut Default::default());
+                    let created = matches!(
+                        change,
+                        Change::DocumentUpserted {
+                            replaced: false,
+                            ..
+                        }
+                    );
+                    Ok((vec![change], created))
+                },
+                |cat, created, _| {
+                    let doc = cat
+                        .shard(&lib.id)
+                        .and_then(|s| s.state.read().document(&doc_id).cloned());
+                    (doc.expect("the document was just applied"), created)
+                },
+            )
+        })
     }
 
     /// Upserts many documents in one group: each item is validated on its own, bad items get
@@ -993,57 +1035,91 @@ impl Engine {
                 }
             }
         }
-        let mut prepared: Vec<Result<Document>> = deferred
-            .into_iter()
-            .map(|d| d.map(|(doc, _)| doc))
-            .collect();
-        for (n, e) in failures {
-            prepared[n] = Err(e);
-        }
-        self.commit(
-            ctx,
-            |cat, now| {
-                let shard = cat
-                    .shard(&lib.id)
-                    .ok_or_else(|| EngineError::not_found("library", library))?;
-                let st = shard.state.read();
-                let mut in_batch = std::collections::HashMap::new();
-                let mut changes = Vec::new();
-                let mut plan = Vec::with_capacity(prepared.len());
-                for p in prepared {
-                    match p {
-                        Ok(doc) => {
-                            let (id, n) = (doc.id.clone(), doc.chunks.len());
-                            let change = stamp(&st, doc, now, &mut in_batch);
-                            let created = matches!(
-                                change,
-                                Change::DocumentUpserted {
-                                    replaced: false,
-                                    ..
-                                }
-                            );
-                            plan.push(Ok((id, created, n, changes.len() as u64)));
-                            changes.push(change);
-                        }
-                        Err(e) => plan.push(Err(e)),
-                    }
+        // Items' errors stay here; their documents go into the commit (again, after a
+        // conflict on a replica).
+        let mut early_errors: Vec<Option<EngineError>> = Vec::with_capacity(deferred.len());
+        let mut prepared: Vec<Option<Document>> = Vec::with_capacity(deferred.len());
+        for d in deferred {
+            match d {
+                Ok((doc, _)) => {
+                    prepared.push(Some(doc));
+                    early_errors.push(None);
                 }
-                Ok((changes, plan))
-            },
-            |_, plan, first| {
-                plan.into_iter()
-                    .map(|p| match p {
-                        Ok((document_id, created, num_chunks, i)) => ItemOutcome::Committed {
-                            document_id,
-                            created,
-                            num_chunks,
-                            seq: first + i,
-                        },
-                        Err(e) => ItemOutcome::Failed(e),
-                    })
-                    .collect()
-            },
-        )
+                Err(e) => {
+                    prepared.push(None);
+                    early_errors.push(Some(e));
+                }
+            }
+        }
+        for (n, e) in failures {
+            prepared[n] = None;
+            early_errors[n] = Some(e);
+        }
+        let mut retained = Retained::new(prepared, self.stream.is_some());
+        let committed = self.retry_conflicts(|| {
+            let prepared = retained.take().ok_or_else(no_spare)?;
+            self.commit(
+                ctx,
+                |cat, now| {
+                    let shard = cat
+                        .shard(&lib.id)
+                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let st = shard.state.read();
+                    let mut in_batch = std::collections::HashMap::new();
+                    let mut changes = Vec::new();
+                    let mut plan = Vec::with_capacity(prepared.len());
+                    for p in prepared {
+                        match p {
+                            Some(doc) => {
+                                let (id, n) = (doc.id.clone(), doc.chunks.len());
+                                let change = stamp(&st, doc, now, &mut in_batch);
+                                let created = matches!(
+                                    change,
+                                    Change::DocumentUpserted {
+                                        replaced: false,
+                                        ..
+                                    }
+                                );
+                                plan.push(Some((id, created, n, changes.len() as u64)));
+                                changes.push(change);
+                            }
+                            None => plan.push(None),
+                        }
+                    }
+                    Ok((changes, plan))
+                },
+                |_, plan, first| {
+                    plan.into_iter()
+                        .map(|p| {
+                            p.map(
+                                |(document_id, created, num_chunks, i)| ItemOutcome::Committed {
+                                    document_id,
+                                    created,
+                                    num_chunks,
+                                    seq: first + i,
+                                },
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                },
+            )
+        })?;
+        let outcomes = committed
+            .value
+            .into_iter()
+            .zip(early_errors)
+            .map(|(outcome, early)| match (outcome, early) {
+                (Some(o), _) => o,
+                (None, Some(e)) => ItemOutcome::Failed(e),
+                (None, None) => ItemOutcome::Failed(EngineError::Log(LogError::Failed(
+                    "an item without a record lost its error".into(),
+                ))),
+            })
+            .collect();
+        Ok(Committed {
+            value: outcomes,
+            seq: committed.seq,
+        })
     }
 
     pub fn delete_document(
@@ -1053,25 +1129,27 @@ impl Engine {
         doc_id: &str,
     ) -> Result<Committed<()>> {
         let lib_id = self.library_for_write(library)?.id;
-        self.commit(
-            ctx,
-            |cat, _| {
-                let shard = cat
-                    .shard(&lib_id)
-                    .ok_or_else(|| EngineError::not_found("library", library))?;
-                if shard.state.read().document(doc_id).is_none() {
-                    return Err(EngineError::not_found("document", doc_id));
-                }
-                Ok((
-                    vec![Change::DocumentDeleted {
-                        library_id: lib_id.clone(),
-                        document_id: doc_id.to_string(),
-                    }],
-                    (),
-                ))
-            },
-            |_, (), _| (),
-        )
+        self.retry_conflicts(|| {
+            self.commit(
+                ctx,
+                |cat, _| {
+                    let shard = cat
+                        .shard(&lib_id)
+                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    if shard.state.read().document(doc_id).is_none() {
+                        return Err(EngineError::not_found("document", doc_id));
+                    }
+                    Ok((
+                        vec![Change::DocumentDeleted {
+                            library_id: lib_id.clone(),
+                            document_id: doc_id.to_string(),
+                        }],
+                        (),
+                    ))
+                },
+                |_, (), _| (),
+            )
+        })
     }
 
     pub fn document(&self, library: &str, doc_id: &str) -> Result<(Arc<Document>, Seq)> {
@@ -1236,17 +1314,42 @@ impl Engine {
                 Ok(e)
             }));
         }
-        let committed = self.commit(
-            ctx,
-            |cat, _| {
-                let mut changes = Vec::with_capacity(total);
-                // Per event: its index among the changes, or its error.
-                let mut slots: Vec<Result<usize>> = Vec::with_capacity(total);
-                for p in planned {
-                    slots.push(p.and_then(|e| {
+        // Errors so far stay here; the events go into the commit (again, after a conflict).
+        let mut early_errors: Vec<Option<EngineError>> = Vec::with_capacity(total);
+        let mut inputs: Vec<Option<AppEventInput>> = Vec::with_capacity(total);
+        for p in planned {
+            match p {
+                Ok(e) => {
+                    inputs.push(Some(e));
+                    early_errors.push(None);
+                }
+                Err(e) => {
+                    inputs.push(None);
+                    early_errors.push(Some(e));
+                }
+            }
+        }
+        let mut retained = Retained::new(inputs, self.stream.is_some());
+        let committed = self.retry_conflicts(|| {
+            let inputs = retained.take().ok_or_else(no_spare)?;
+            self.commit(
+                ctx,
+                |cat, _| {
+                    let mut changes = Vec::with_capacity(total);
+                    // Per event: its index among the changes, or its error (`None`: the one
+                    // found before the commit).
+                    let mut slots: Vec<std::result::Result<usize, Option<EngineError>>> =
+                        Vec::with_capacity(total);
+                    for p in inputs {
+                        let Some(e) = p else {
+                            slots.push(Err(None));
+                            continue;
+                        };
                         if let Some(id) = &e.library_id {
                             if cat.shard(id).is_none() {
-                                return Err(EngineError::not_found("library", id.clone()));
+                                slots
+                                    .push(Err(Some(EngineError::not_found("library", id.clone()))));
+                                continue;
                             }
                         }
                         changes.push(Change::AppEvent {
@@ -1254,20 +1357,33 @@ impl Engine {
                             library_id: e.library_id,
                             data: e.data,
                         });
-                        Ok(changes.len() - 1)
-                    }));
-                }
-                Ok((changes, slots))
-            },
-            |_, slots, first| {
-                slots
-                    .into_iter()
-                    .map(|s| s.map(|i| first + i as u64))
-                    .collect::<Vec<_>>()
-            },
-        );
+                        slots.push(Ok(changes.len() - 1));
+                    }
+                    Ok((changes, slots))
+                },
+                |_, slots, first| {
+                    slots
+                        .into_iter()
+                        .map(|s| s.map(|i| first + i as u64))
+                        .collect::<Vec<_>>()
+                },
+            )
+        });
         match committed {
-            Ok(c) => c.value,
+            Ok(c) => c
+                .value
+                .into_iter()
+                .zip(early_errors)
+                .map(|(slot, early)| match slot {
+                    Ok(seq) => Ok(seq),
+                    Err(Some(e)) => Err(e),
+                    Err(None) => Err(early.unwrap_or_else(|| {
+                        EngineError::Log(LogError::Failed(
+                            "an event without a record lost its error".into(),
+                        ))
+                    })),
+                })
+                .collect(),
             // The append itself failed (the log is closed or failed): every event shares it.
             Err(e) => {
                 let detail = e.to_string();
@@ -1311,25 +1427,29 @@ impl Engine {
         data: serde_json::Value,
         library_must_exist: bool,
     ) -> Result<Committed<()>> {
-        self.commit(
-            ctx,
-            |cat, _| {
-                if let (true, Some(id)) = (library_must_exist, &library_id) {
-                    if cat.shard(id).is_none() {
-                        return Err(EngineError::not_found("library", id.clone()));
+        let mut retained = Retained::new((event_type, library_id, data), self.stream.is_some());
+        self.retry_conflicts(|| {
+            let (event_type, library_id, data) = retained.take().ok_or_else(no_spare)?;
+            self.commit(
+                ctx,
+                |cat, _| {
+                    if let (true, Some(id)) = (library_must_exist, &library_id) {
+                        if cat.shard(id).is_none() {
+                            return Err(EngineError::not_found("library", id.clone()));
+                        }
                     }
-                }
-                Ok((
-                    vec![Change::AppEvent {
-                        event_type,
-                        library_id,
-                        data,
-                    }],
-                    (),
-                ))
-            },
-            |_, (), _| (),
-        )
+                    Ok((
+                        vec![Change::AppEvent {
+                            event_type,
+                            library_id,
+                            data,
+                        }],
+                        (),
+                    ))
+                },
+                |_, (), _| (),
+            )
+        })
     }
 
     /// Every document of a library at one `seq`: pointers to immutable values, collected under
@@ -2026,6 +2146,57 @@ fn announce_when_built(
 /// A duration in ns, saturating (u64 ns last 584 years).
 fn nanos_u64(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The error for a retry without a kept input (never on a replica, where a copy is kept).
+fn no_spare() -> EngineError {
+    EngineError::Log(LogError::Failed(
+        "a write was retried without its input".into(),
+    ))
+}
+
+/// Times a replica retries a write another replica beat to the shared log (each retry validates
+/// again against the winner's change) before it answers `409 write_conflict`.
+const CONFLICT_RETRIES_LIMIT: usize = 8;
+/// Longest a retry waits for the follower to fold the message that won, in ms.
+const CONFLICT_FOLD_WAIT_MS_MAX: u64 = 1_000;
+
+/// A write's owned input, kept for a retry after a conflict: the first attempt takes the
+/// original; a copy exists only on a replica, the only place conflicts happen, so the
+/// embedded log never pays for it.
+struct Retained<T: Clone> {
+    first: Option<T>,
+    spare: Option<T>,
+}
+
+impl<T: Clone> Retained<T> {
+    fn new(value: T, replica: bool) -> Self {
+        let spare = replica.then(|| value.clone());
+        Retained {
+            first: Some(value),
+            spare,
+        }
+    }
+
+    /// The input for the next attempt (`None` only if a retry is asked for without a spare,
+    /// which `retry_conflicts` never does outside a replica).
+    fn take(&mut self) -> Option<T> {
+        self.first.take().or_else(|| self.spare.clone())
+    }
+}
+
+/// Starts one of the engine's background threads.
+fn spawn_thread(
+    name: &str,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(body)
+        .map_err(|e| EngineError::Io {
+            path: format!("thread {name}"),
+            source: e,
+        })
 }
 
 /// A replica that cannot fold the shared log must not go on serving a state that diverges

@@ -21,6 +21,41 @@
 use crate::error::{EngineError, Result};
 use quiver_log::{Envelope, FileLog, JetStreamLog, Seq};
 
+/// The file in a data directory that names its replica.
+const REPLICA_ID_FILE: &str = "replica_id";
+
+/// This data directory's replica id: read from `<data_dir>/replica_id`, or made (a random
+/// UUID, written atomically) on its first start as a replica. A copied data directory keeps
+/// the id: give a copy a new one by deleting the file before its first start.
+pub(crate) fn replica_id(data_dir: &std::path::Path) -> Result<String> {
+    let path = data_dir.join(REPLICA_ID_FILE);
+    let io = |e| EngineError::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim();
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(EngineError::Corrupt(format!(
+                    "{} does not hold a replica id (1..=64 printable characters)",
+                    path.display()
+                )));
+            }
+            Ok(id.to_string())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::new_v4().to_string();
+            quiver_log::write_atomic(&path, |w| {
+                use std::io::Write;
+                w.write_all(id.as_bytes())
+            })?;
+            Ok(id)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
 /// How many missing messages in a row the position search steps over (messages an operator
 /// deleted from the middle of the stream) before it gives up.
 const DELETED_MESSAGES_SKIP_LIMIT: u64 = 64;
@@ -169,7 +204,9 @@ fn get_near(stream: &JetStreamLog, msg_seq: u64, hi: u64) -> Result<Option<Envel
 mod tests {
     //! The conflict path, made deterministic: replica B stops folding (its follower's queue
     //! is taken away) while A writes, so B's next commit expects a stream position that has
-    //! moved. Needs `nats-server` (skips without it unless `QUIVER_REQUIRE_NATS` is set).
+    //! moved. While B cannot fold, its retries cannot succeed and it answers `write_conflict`;
+    //! once it can, a retry validates again and commits after A's write. Needs `nats-server`
+    //! (skips without it unless `QUIVER_REQUIRE_NATS` is set).
     use crate::{Engine, EngineConfig, EngineError, WriteCtx};
     use quiver_log::JetStreamConfig;
     use std::process::{Child, Command, Stdio};
@@ -269,6 +306,30 @@ mod tests {
             second.seq + 1,
             "seqs stay gapless across replicas"
         );
+
+        // A conflict the replica can resolve is retried inside: B stops folding, A writes, B
+        // writes and starts folding again while its first attempt has been refused.
+        let inbox = b.write_lock.lock().inbox.take();
+        let fourth = a
+            .append_event(&ctx, "app.four", None, serde_json::json!({"n": 4}))
+            .expect("A writes");
+        let restore = {
+            let b = std::sync::Arc::clone(&b);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                b.write_lock.lock().inbox = inbox;
+            })
+        };
+        let fifth = b
+            .append_event(&ctx, "app.five", None, serde_json::json!({"n": 5}))
+            .expect("B's write is retried after it folds A's");
+        restore.join().expect("restore thread");
+        assert_eq!(
+            fifth.seq,
+            fourth.seq + 1,
+            "B's retry landed right after A's write"
+        );
+        let third = fifth;
         wait_for(&a, third.seq);
         // Both local logs hold the same records, byte for byte, and no refused one (reads
         // serve durable records only: wait for the fsync that follows the apply).

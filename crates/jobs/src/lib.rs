@@ -361,6 +361,7 @@ impl Jobs {
             "params": params,
             "max_retries": max_retries,
             "trace_id": req.trace_id,
+            "replica": self.engine.replica_id(),
         });
         self.record(&mut inner, "job.queued", &id, data)?;
         let job = inner
@@ -808,6 +809,6 @@ fn load_table(engine: &Engine, dir: &Path) -> Result<Table> {
             }
         }
     }
-    table.requeue_unfinished();
+    table.requeue_unfinished(engine.replica_id());
     Ok(table)
 }

@@ -129,6 +129,10 @@ pub struct Job {
     pub trace_id: Option<String>,
     /// The `seq` of its `job.queued` event: queue order.
     pub queued_seq: u64,
+    /// With a JetStream log: the replica that queued it, the only one that runs it or resumes
+    /// it after a restart (`None`: queued by a server on the embedded log).
+    #[serde(default)]
+    pub replica: Option<String>,
 }
 
 /// The table: every job still retained, and the queue of jobs waiting for a worker.
@@ -185,6 +189,7 @@ impl Table {
                 cancel_requested: false,
                 not_before_ms: 0,
                 trace_id: s(data, "trace_id"),
+                replica: s(data, "replica"),
                 queued_seq: seq,
             };
             self.jobs.insert(id.clone(), job);
@@ -253,11 +258,14 @@ impl Table {
 
     /// After a replay: every job that was queued or running when the process stopped is
     /// queued again, in its original order (a running one resumes from its checkpoint).
-    pub fn requeue_unfinished(&mut self) {
+    pub fn requeue_unfinished(&mut self, replica: Option<&str>) {
+        // A replica resumes only the jobs it queued: every replica folds every job's events,
+        // and a job must run once.
         let mut open: Vec<(u64, String)> = self
             .jobs
             .values()
             .filter(|j| !j.status.is_finished())
+            .filter(|j| replica.is_none() || j.replica.as_deref() == replica)
             .map(|j| (j.queued_seq, j.id.clone()))
             .collect();
         open.sort();
@@ -352,10 +360,33 @@ mod tests {
         t.apply("job.started", &json!({"job_id": "a", "attempt": 1}), 2, 4);
         t.apply("job.completed", &json!({"job_id": "b"}), 2, 5);
         t.apply("job.unknown", &json!({"job_id": "c"}), 2, 6);
-        t.requeue_unfinished();
+        t.requeue_unfinished(None);
         assert_eq!(
             t.queue,
             VecDeque::from(vec!["a".to_string(), "c".to_string()])
         );
+    }
+
+    #[test]
+    fn a_replica_resumes_only_the_jobs_it_queued() {
+        let mut t = Table::default();
+        for (i, (id, replica)) in [("a", "r1"), ("b", "r2"), ("c", "r1")].iter().enumerate() {
+            t.apply(
+                "job.queued",
+                &json!({"job_id": id, "job_type": "batch_delete", "params": {}, "replica": replica}),
+                1,
+                i as u64 + 1,
+            );
+        }
+        t.requeue_unfinished(Some("r1"));
+        assert_eq!(
+            t.queue,
+            VecDeque::from(vec!["a".to_string(), "c".to_string()])
+        );
+        t.requeue_unfinished(Some("r2"));
+        assert_eq!(t.queue, VecDeque::from(vec!["b".to_string()]));
+        // On the embedded log every unfinished job is this server's.
+        t.requeue_unfinished(None);
+        assert_eq!(t.queue.len(), 3);
     }
 }

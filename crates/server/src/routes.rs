@@ -37,9 +37,12 @@ pub async fn health(State(s): State<AppState>) -> Json<Value> {
         "durable_seq": st.durable_seq,
         "log": match &st.replica {
             None => json!({"backend": "file"}),
-            Some((stream, msg_seq)) => {
-                json!({"backend": "jetstream", "stream": stream, "stream_msg_seq": msg_seq})
-            }
+            Some((stream, msg_seq, replica_id)) => json!({
+                "backend": "jetstream",
+                "stream": stream,
+                "stream_msg_seq": msg_seq,
+                "replica_id": replica_id,
+            }),
         },
         "uptime_seconds": s.engine.started_at.elapsed().as_secs(),
     }))
