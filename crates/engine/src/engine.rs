@@ -528,14 +528,25 @@ impl Engine {
         }
     }
 
-    /// Runs a write, and on a replica runs it again when another replica committed first
-    /// (up to [`CONFLICT_RETRIES_LIMIT`] times, after the follower has folded the winner), so a
-    /// client sees `409 write_conflict` only under sustained contention. `write` must build
-    /// its commit from scratch each time: validation has to see the winner's change.
-    fn retry_conflicts<U>(&self, mut write: impl FnMut() -> Result<U>) -> Result<U> {
+    /// Runs a write on its owned `input`, and on a replica runs it again (on a copy kept
+    /// aside) when another replica committed first — up to [`CONFLICT_RETRIES_LIMIT`] times,
+    /// after the follower has folded the winner — so a client sees `409 write_conflict` only
+    /// under sustained contention. `write` builds its commit from scratch each time:
+    /// validation has to see the winner's change.
+    fn retry_conflicts<T: Clone, U>(
+        &self,
+        input: T,
+        mut write: impl FnMut(T) -> Result<U>,
+    ) -> Result<U> {
+        let mut retained = Retained::new(input, self.stream.is_some());
         let mut retries = 0;
         loop {
-            match write() {
+            let Some(input) = retained.take() else {
+                return Err(EngineError::Log(LogError::Failed(
+                    "a write was retried without its input".into(),
+                )));
+            };
+            match write(input) {
                 Err(EngineError::Conflict {
                     code: "write_conflict",
                     ..
@@ -971,9 +982,7 @@ impl Engine {
         let lib = self.library_for_write(library)?;
         let doc = input::prepare_document(&lib, doc, self.embedder.as_ref())?;
         let doc_id = doc.id.clone();
-        let mut retained = Retained::new(doc, self.stream.is_some());
-        self.retry_conflicts(|| {
-            let doc = retained.take().ok_or_else(no_spare)?;
+        self.retry_conflicts(doc, |doc| {
             self.commit(
                 ctx,
                 |cat, now| {
@@ -1037,27 +1046,17 @@ impl Engine {
         }
         // Items' errors stay here; their documents go into the commit (again, after a
         // conflict on a replica).
-        let mut early_errors: Vec<Option<EngineError>> = Vec::with_capacity(deferred.len());
-        let mut prepared: Vec<Option<Document>> = Vec::with_capacity(deferred.len());
-        for d in deferred {
-            match d {
-                Ok((doc, _)) => {
-                    prepared.push(Some(doc));
-                    early_errors.push(None);
-                }
-                Err(e) => {
-                    prepared.push(None);
-                    early_errors.push(Some(e));
-                }
-            }
-        }
+        let (mut prepared, mut early_errors) = split_errors(
+            deferred
+                .into_iter()
+                .map(|d| d.map(|(doc, _)| doc))
+                .collect(),
+        );
         for (n, e) in failures {
             prepared[n] = None;
             early_errors[n] = Some(e);
         }
-        let mut retained = Retained::new(prepared, self.stream.is_some());
-        let committed = self.retry_conflicts(|| {
-            let prepared = retained.take().ok_or_else(no_spare)?;
+        let committed = self.retry_conflicts(prepared, |prepared| {
             self.commit(
                 ctx,
                 |cat, now| {
@@ -1110,10 +1109,7 @@ impl Engine {
             .zip(early_errors)
             .map(|(outcome, early)| match (outcome, early) {
                 (Some(o), _) => o,
-                (None, Some(e)) => ItemOutcome::Failed(e),
-                (None, None) => ItemOutcome::Failed(EngineError::Log(LogError::Failed(
-                    "an item without a record lost its error".into(),
-                ))),
+                (None, early) => ItemOutcome::Failed(early.unwrap_or_else(lost_error)),
             })
             .collect();
         Ok(Committed {
@@ -1129,7 +1125,7 @@ impl Engine {
         doc_id: &str,
     ) -> Result<Committed<()>> {
         let lib_id = self.library_for_write(library)?.id;
-        self.retry_conflicts(|| {
+        self.retry_conflicts((), |()| {
             self.commit(
                 ctx,
                 |cat, _| {
@@ -1315,23 +1311,8 @@ impl Engine {
             }));
         }
         // Errors so far stay here; the events go into the commit (again, after a conflict).
-        let mut early_errors: Vec<Option<EngineError>> = Vec::with_capacity(total);
-        let mut inputs: Vec<Option<AppEventInput>> = Vec::with_capacity(total);
-        for p in planned {
-            match p {
-                Ok(e) => {
-                    inputs.push(Some(e));
-                    early_errors.push(None);
-                }
-                Err(e) => {
-                    inputs.push(None);
-                    early_errors.push(Some(e));
-                }
-            }
-        }
-        let mut retained = Retained::new(inputs, self.stream.is_some());
-        let committed = self.retry_conflicts(|| {
-            let inputs = retained.take().ok_or_else(no_spare)?;
+        let (inputs, early_errors) = split_errors(planned);
+        let committed = self.retry_conflicts(inputs, |inputs| {
             self.commit(
                 ctx,
                 |cat, _| {
@@ -1377,11 +1358,7 @@ impl Engine {
                 .map(|(slot, early)| match slot {
                     Ok(seq) => Ok(seq),
                     Err(Some(e)) => Err(e),
-                    Err(None) => Err(early.unwrap_or_else(|| {
-                        EngineError::Log(LogError::Failed(
-                            "an event without a record lost its error".into(),
-                        ))
-                    })),
+                    Err(None) => Err(early.unwrap_or_else(lost_error)),
                 })
                 .collect(),
             // The append itself failed (the log is closed or failed): every event shares it.
@@ -1427,29 +1404,30 @@ impl Engine {
         data: serde_json::Value,
         library_must_exist: bool,
     ) -> Result<Committed<()>> {
-        let mut retained = Retained::new((event_type, library_id, data), self.stream.is_some());
-        self.retry_conflicts(|| {
-            let (event_type, library_id, data) = retained.take().ok_or_else(no_spare)?;
-            self.commit(
-                ctx,
-                |cat, _| {
-                    if let (true, Some(id)) = (library_must_exist, &library_id) {
-                        if cat.shard(id).is_none() {
-                            return Err(EngineError::not_found("library", id.clone()));
+        self.retry_conflicts(
+            (event_type, library_id, data),
+            |(event_type, library_id, data)| {
+                self.commit(
+                    ctx,
+                    |cat, _| {
+                        if let (true, Some(id)) = (library_must_exist, &library_id) {
+                            if cat.shard(id).is_none() {
+                                return Err(EngineError::not_found("library", id.clone()));
+                            }
                         }
-                    }
-                    Ok((
-                        vec![Change::AppEvent {
-                            event_type,
-                            library_id,
-                            data,
-                        }],
-                        (),
-                    ))
-                },
-                |_, (), _| (),
-            )
-        })
+                        Ok((
+                            vec![Change::AppEvent {
+                                event_type,
+                                library_id,
+                                data,
+                            }],
+                            (),
+                        ))
+                    },
+                    |_, (), _| (),
+                )
+            },
+        )
     }
 
     /// Every document of a library at one `seq`: pointers to immutable values, collected under
@@ -2148,10 +2126,22 @@ fn nanos_u64(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The error for a retry without a kept input (never on a replica, where a copy is kept).
-fn no_spare() -> EngineError {
+/// Splits a batch's items into the inputs that go into its commit and the errors found
+/// before it, position by position (so a retried commit takes only the inputs).
+fn split_errors<T>(items: Vec<Result<T>>) -> (Vec<Option<T>>, Vec<Option<EngineError>>) {
+    items
+        .into_iter()
+        .map(|item| match item {
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(e)),
+        })
+        .unzip()
+}
+
+/// The error of an item that produced no record and whose error was lost (a bug).
+fn lost_error() -> EngineError {
     EngineError::Log(LogError::Failed(
-        "a write was retried without its input".into(),
+        "an item without a record lost its error".into(),
     ))
 }
 
@@ -2178,8 +2168,8 @@ impl<T: Clone> Retained<T> {
         }
     }
 
-    /// The input for the next attempt (`None` only if a retry is asked for without a spare,
-    /// which `retry_conflicts` never does outside a replica).
+    /// The input for the next attempt (`None` only for a retry without a spare, which
+    /// `retry_conflicts` never asks for outside a replica).
     fn take(&mut self) -> Option<T> {
         self.first.take().or_else(|| self.spare.clone())
     }
