@@ -748,7 +748,7 @@ impl Engine {
     ) -> Result<Committed<LibraryInfo>> {
         validate::name(&req.name)?;
         validate::description(&req.description)?;
-        let metadata = req.metadata.unwrap_or_default();
+        let metadata = req.metadata.take().unwrap_or_default();
         validate::metadata("library", &metadata)?;
         let metric = match &req.metric {
             None => Metric::Cosine,
@@ -806,37 +806,39 @@ impl Engine {
             )),
         };
         let id = uuid::Uuid::new_v4().to_string();
-        self.commit(
-            ctx,
-            |cat, now| {
-                if cat.id_for_name(&req.name).is_some() {
-                    return Err(EngineError::Conflict {
-                        code: "library_exists",
-                        detail: format!("a library named {:?} already exists", req.name),
-                    });
-                }
-                if cat.len() >= LIBRARIES_LIMIT {
-                    return Err(EngineError::Invalid(Invalid::too_large(
-                        "too_many_libraries",
-                        format!("this server holds its limit of {LIBRARIES_LIMIT} libraries"),
-                    )));
-                }
-                let lib = Library {
-                    id: id.clone(),
-                    name: req.name,
-                    description: req.description,
-                    dimension,
-                    metric,
-                    index_type,
-                    embedding_model: req.embedding_model,
-                    created_at_ms: now,
-                    updated_at_ms: now,
-                    metadata,
-                };
-                Ok((vec![Change::LibraryCreated(lib)], ()))
-            },
-            |cat, (), _| info_of(cat, &id),
-        )
+        self.retry_conflicts((req, metadata), |(req, metadata)| {
+            self.commit(
+                ctx,
+                |cat, now| {
+                    if cat.id_for_name(&req.name).is_some() {
+                        return Err(EngineError::Conflict {
+                            code: "library_exists",
+                            detail: format!("a library named {:?} already exists", req.name),
+                        });
+                    }
+                    if cat.len() >= LIBRARIES_LIMIT {
+                        return Err(EngineError::Invalid(Invalid::too_large(
+                            "too_many_libraries",
+                            format!("this server holds its limit of {LIBRARIES_LIMIT} libraries"),
+                        )));
+                    }
+                    let lib = Library {
+                        id: id.clone(),
+                        name: req.name,
+                        description: req.description,
+                        dimension,
+                        metric,
+                        index_type,
+                        embedding_model: req.embedding_model,
+                        created_at_ms: now,
+                        updated_at_ms: now,
+                        metadata,
+                    };
+                    Ok((vec![Change::LibraryCreated(lib)], ()))
+                },
+                |cat, (), _| info_of(cat, &id),
+            )
+        })
         .and_then(|c| {
             Ok(Committed {
                 value: c.value?,
@@ -861,7 +863,7 @@ impl Engine {
             validate::metadata("library", m)?;
         }
         let lib_id = self.shard(id)?.state.read().library.id.clone();
-        self.commit(
+        self.retry_conflicts(req, |req| self.commit(
             ctx,
             |cat, now| {
                 let shard = cat
@@ -914,7 +916,7 @@ impl Engine {
                 Ok((vec![Change::LibraryUpdated(lib)], ()))
             },
             |cat, (), _| info_of(cat, &lib_id),
-        )
+        ))
         .and_then(|c| {
             Ok(Committed {
                 value: c.value?,
@@ -925,22 +927,24 @@ impl Engine {
 
     pub fn delete_library(&self, ctx: &WriteCtx, id: &str) -> Result<Committed<()>> {
         let lib = self.shard(id)?.state.read().library.clone();
-        self.commit(
-            ctx,
-            |cat, _| {
-                if cat.shard(&lib.id).is_none() {
-                    return Err(EngineError::not_found("library", id));
-                }
-                Ok((
-                    vec![Change::LibraryDeleted {
-                        library_id: lib.id.clone(),
-                        name: lib.name.clone(),
-                    }],
-                    (),
-                ))
-            },
-            |_, (), _| (),
-        )
+        self.retry_conflicts((), |()| {
+            self.commit(
+                ctx,
+                |cat, _| {
+                    if cat.shard(&lib.id).is_none() {
+                        return Err(EngineError::not_found("library", id));
+                    }
+                    Ok((
+                        vec![Change::LibraryDeleted {
+                            library_id: lib.id.clone(),
+                            name: lib.name.clone(),
+                        }],
+                        (),
+                    ))
+                },
+                |_, (), _| (),
+            )
+        })
     }
 
     pub fn list_libraries(&self) -> (Vec<LibraryInfo>, Seq) {
@@ -1186,7 +1190,7 @@ impl Engine {
             return Err(EngineError::invalid("no_chunks", "send at least one chunk"));
         }
         let chunks = input::prepare_chunks(&lib, doc_id, chunks, self.embedder.as_ref())?;
-        self.commit(
+        self.retry_conflicts(chunks, |chunks| self.commit(
             ctx,
             |cat, _| {
                 let shard = cat.shard(&lib.id).ok_or_else(|| EngineError::not_found("library", library))?;
@@ -1216,7 +1220,7 @@ impl Engine {
                 let doc = cat.shard(&lib.id).and_then(|s| s.state.read().document(doc_id).cloned());
                 doc.expect("the document was just applied")
             },
-        )
+        ))
     }
 
     pub fn delete_chunk(
@@ -1227,30 +1231,32 @@ impl Engine {
         chunk_id: &str,
     ) -> Result<Committed<()>> {
         let lib_id = self.library_for_write(library)?.id;
-        self.commit(
-            ctx,
-            |cat, _| {
-                let shard = cat
-                    .shard(&lib_id)
-                    .ok_or_else(|| EngineError::not_found("library", library))?;
-                let st = shard.state.read();
-                let doc = st
-                    .document(doc_id)
-                    .ok_or_else(|| EngineError::not_found("document", doc_id))?;
-                if !doc.chunks.iter().any(|c| c.id == chunk_id) {
-                    return Err(EngineError::not_found("chunk", chunk_id));
-                }
-                Ok((
-                    vec![Change::ChunkDeleted {
-                        library_id: lib_id.clone(),
-                        document_id: doc_id.to_string(),
-                        chunk_id: chunk_id.to_string(),
-                    }],
-                    (),
-                ))
-            },
-            |_, (), _| (),
-        )
+        self.retry_conflicts((), |()| {
+            self.commit(
+                ctx,
+                |cat, _| {
+                    let shard = cat
+                        .shard(&lib_id)
+                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let st = shard.state.read();
+                    let doc = st
+                        .document(doc_id)
+                        .ok_or_else(|| EngineError::not_found("document", doc_id))?;
+                    if !doc.chunks.iter().any(|c| c.id == chunk_id) {
+                        return Err(EngineError::not_found("chunk", chunk_id));
+                    }
+                    Ok((
+                        vec![Change::ChunkDeleted {
+                            library_id: lib_id.clone(),
+                            document_id: doc_id.to_string(),
+                            chunk_id: chunk_id.to_string(),
+                        }],
+                        (),
+                    ))
+                },
+                |_, (), _| (),
+            )
+        })
     }
 
     // ---------------------------------------------------------------- application events
@@ -1630,22 +1636,24 @@ impl Engine {
         )?;
         let lib_id = self.shard(library)?.state.read().library.id.clone();
         let started = Instant::now();
-        let committed = self.commit(
-            ctx,
-            |cat, now| {
-                let shard = cat
-                    .shard(&lib_id)
-                    .ok_or_else(|| EngineError::not_found("library", library))?;
-                let mut lib = shard.state.read().library.clone();
-                if lib.index_type == index_type {
-                    return Ok((Vec::new(), false));
-                }
-                lib.index_type = index_type;
-                lib.updated_at_ms = now;
-                Ok((vec![Change::LibraryUpdated(lib)], true))
-            },
-            |cat, changed, _| (info_of(cat, &lib_id), changed),
-        )?;
+        let committed = self.retry_conflicts((), |()| {
+            self.commit(
+                ctx,
+                |cat, now| {
+                    let shard = cat
+                        .shard(&lib_id)
+                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let mut lib = shard.state.read().library.clone();
+                    if lib.index_type == index_type {
+                        return Ok((Vec::new(), false));
+                    }
+                    lib.index_type = index_type;
+                    lib.updated_at_ms = now;
+                    Ok((vec![Change::LibraryUpdated(lib)], true))
+                },
+                |cat, changed, _| (info_of(cat, &lib_id), changed),
+            )
+        })?;
         let (info, changed) = committed.value;
         let info = info?;
         if changed {
@@ -1736,31 +1744,33 @@ impl Engine {
     ) -> Result<Committed<bool>> {
         let (model, dimension) = self.reembed_target(library, model)?;
         let lib_id = self.shard(library)?.state.read().library.id.clone();
-        self.commit(
-            ctx,
-            |cat, _| {
-                let shard = cat
-                    .shard(&lib_id)
-                    .ok_or_else(|| EngineError::not_found("library", library))?;
-                let st = shard.state.read();
-                if st
-                    .staging
-                    .as_ref()
-                    .is_some_and(|s| s.model == model && s.dimension == dimension)
-                {
-                    return Ok((Vec::new(), true));
-                }
-                Ok((
-                    vec![Change::ReembedStarted {
-                        library_id: lib_id.clone(),
-                        model: model.clone(),
-                        dimension,
-                    }],
-                    false,
-                ))
-            },
-            |_, resumed, _| resumed,
-        )
+        self.retry_conflicts((), |()| {
+            self.commit(
+                ctx,
+                |cat, _| {
+                    let shard = cat
+                        .shard(&lib_id)
+                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let st = shard.state.read();
+                    if st
+                        .staging
+                        .as_ref()
+                        .is_some_and(|s| s.model == model && s.dimension == dimension)
+                    {
+                        return Ok((Vec::new(), true));
+                    }
+                    Ok((
+                        vec![Change::ReembedStarted {
+                            library_id: lib_id.clone(),
+                            model: model.clone(),
+                            dimension,
+                        }],
+                        false,
+                    ))
+                },
+                |_, resumed, _| resumed,
+            )
+        })
     }
 
     /// `(documents, ids of documents not staged yet)` of the running re-embedding.
@@ -1863,41 +1873,44 @@ impl Engine {
         }
         flush(&mut batch, &mut texts, &mut staged)?;
         let lib_id = lib.id.clone();
-        self.commit(
-            ctx,
-            |cat, _| {
-                let shard = cat
-                    .shard(&lib_id)
-                    .ok_or_else(|| EngineError::not_found("library", library))?;
-                let st = shard.state.read();
-                let same_target = st
-                    .staging
-                    .as_ref()
-                    .is_some_and(|s| s.model == model && s.dimension == dimension);
-                if !same_target {
-                    return Err(EngineError::Conflict {
-                        code: "reembedding_replaced",
-                        detail: "the re-embedding was discarded or replaced while it ran".into(),
-                    });
-                }
-                let mut changes = Vec::with_capacity(staged.len());
-                for (d, vectors) in staged {
-                    // Only the document exactly as it was embedded; a newer one is redone.
-                    if !st.document(&d.id).is_some_and(|now| Arc::ptr_eq(now, &d)) {
-                        continue;
+        self.retry_conflicts(staged, |staged| {
+            self.commit(
+                ctx,
+                |cat, _| {
+                    let shard = cat
+                        .shard(&lib_id)
+                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let st = shard.state.read();
+                    let same_target = st
+                        .staging
+                        .as_ref()
+                        .is_some_and(|s| s.model == model && s.dimension == dimension);
+                    if !same_target {
+                        return Err(EngineError::Conflict {
+                            code: "reembedding_replaced",
+                            detail: "the re-embedding was discarded or replaced while it ran"
+                                .into(),
+                        });
                     }
-                    changes.push(Change::ReembedStaged {
-                        library_id: lib_id.clone(),
-                        document_id: d.id.clone(),
-                        chunk_ids: d.chunks.iter().map(|c| c.id.clone()).collect(),
-                        vectors,
-                    });
-                }
-                let n = changes.len();
-                Ok((changes, n))
-            },
-            |_, n, _| n,
-        )
+                    let mut changes = Vec::with_capacity(staged.len());
+                    for (d, vectors) in staged {
+                        // Only the document exactly as it was embedded; a newer one is redone.
+                        if !st.document(&d.id).is_some_and(|now| Arc::ptr_eq(now, &d)) {
+                            continue;
+                        }
+                        changes.push(Change::ReembedStaged {
+                            library_id: lib_id.clone(),
+                            document_id: d.id.clone(),
+                            chunk_ids: d.chunks.iter().map(|c| c.id.clone()).collect(),
+                            vectors,
+                        });
+                    }
+                    let n = changes.len();
+                    Ok((changes, n))
+                },
+                |_, n, _| n,
+            )
+        })
     }
 
     /// Swaps the staged vectors in, once every document is staged: one `library.reembedded`
@@ -1910,30 +1923,32 @@ impl Engine {
         library: &str,
     ) -> Result<Committed<Option<LibraryInfo>>> {
         let lib_id = self.shard(library)?.state.read().library.id.clone();
-        self.commit(
-            ctx,
-            |cat, now| {
-                let shard = cat
-                    .shard(&lib_id)
-                    .ok_or_else(|| EngineError::not_found("library", library))?;
-                let st = shard.state.read();
-                let Some(s) = st.staging.as_ref() else {
-                    return Err(EngineError::Conflict {
-                        code: "reembedding_not_started",
-                        detail: format!("no re-embedding is staged for library {library:?}"),
-                    });
-                };
-                if !st.unstaged_documents().is_empty() {
-                    return Ok((Vec::new(), false));
-                }
-                let mut lib = st.library.clone();
-                lib.embedding_model = Some(s.model.clone());
-                lib.dimension = s.dimension;
-                lib.updated_at_ms = now;
-                Ok((vec![Change::Reembedded(lib)], true))
-            },
-            |cat, switched, _| switched.then(|| info_of(cat, &lib_id)).transpose(),
-        )
+        self.retry_conflicts((), |()| {
+            self.commit(
+                ctx,
+                |cat, now| {
+                    let shard = cat
+                        .shard(&lib_id)
+                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let st = shard.state.read();
+                    let Some(s) = st.staging.as_ref() else {
+                        return Err(EngineError::Conflict {
+                            code: "reembedding_not_started",
+                            detail: format!("no re-embedding is staged for library {library:?}"),
+                        });
+                    };
+                    if !st.unstaged_documents().is_empty() {
+                        return Ok((Vec::new(), false));
+                    }
+                    let mut lib = st.library.clone();
+                    lib.embedding_model = Some(s.model.clone());
+                    lib.dimension = s.dimension;
+                    lib.updated_at_ms = now;
+                    Ok((vec![Change::Reembedded(lib)], true))
+                },
+                |cat, switched, _| switched.then(|| info_of(cat, &lib_id)).transpose(),
+            )
+        })
         .and_then(|c| {
             Ok(Committed {
                 value: c.value?,
@@ -1946,24 +1961,26 @@ impl Engine {
     /// changed. Returns whether there was one.
     pub fn reembed_discard(&self, ctx: &WriteCtx, library: &str) -> Result<Committed<bool>> {
         let lib_id = self.shard(library)?.state.read().library.id.clone();
-        self.commit(
-            ctx,
-            |cat, _| {
-                let staged = cat
-                    .shard(&lib_id)
-                    .is_some_and(|s| s.state.read().staging.is_some());
-                if !staged {
-                    return Ok((Vec::new(), false));
-                }
-                Ok((
-                    vec![Change::ReembedDiscarded {
-                        library_id: lib_id.clone(),
-                    }],
-                    true,
-                ))
-            },
-            |_, d, _| d,
-        )
+        self.retry_conflicts((), |()| {
+            self.commit(
+                ctx,
+                |cat, _| {
+                    let staged = cat
+                        .shard(&lib_id)
+                        .is_some_and(|s| s.state.read().staging.is_some());
+                    if !staged {
+                        return Ok((Vec::new(), false));
+                    }
+                    Ok((
+                        vec![Change::ReembedDiscarded {
+                            library_id: lib_id.clone(),
+                        }],
+                        true,
+                    ))
+                },
+                |_, d, _| d,
+            )
+        })
     }
 
     /// Ids of libraries with a staged re-embedding.
