@@ -866,9 +866,7 @@ impl Engine {
         self.retry_conflicts(req, |req| self.commit(
             ctx,
             |cat, now| {
-                let shard = cat
-                    .shard(&lib_id)
-                    .ok_or_else(|| EngineError::not_found("library", id))?;
+                let shard = library_shard(cat, &lib_id, id)?;
                 let mut lib = shard.state.read().library.clone();
                 let immutable = |field: &str| {
                     EngineError::invalid(
@@ -990,9 +988,7 @@ impl Engine {
             self.commit(
                 ctx,
                 |cat, now| {
-                    let shard = cat
-                        .shard(&lib.id)
-                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let shard = library_shard(cat, &lib.id, library)?;
                     let change = stamp(&shard.state.read(), doc, now, &mut Default::default());
                     let created = matches!(
                         change,
@@ -1064,9 +1060,7 @@ impl Engine {
             self.commit(
                 ctx,
                 |cat, now| {
-                    let shard = cat
-                        .shard(&lib.id)
-                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let shard = library_shard(cat, &lib.id, library)?;
                     let st = shard.state.read();
                     let mut in_batch = std::collections::HashMap::new();
                     let mut changes = Vec::new();
@@ -1133,9 +1127,7 @@ impl Engine {
             self.commit(
                 ctx,
                 |cat, _| {
-                    let shard = cat
-                        .shard(&lib_id)
-                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let shard = library_shard(cat, &lib_id, library)?;
                     if shard.state.read().document(doc_id).is_none() {
                         return Err(EngineError::not_found("document", doc_id));
                     }
@@ -1193,7 +1185,7 @@ impl Engine {
         self.retry_conflicts(chunks, |chunks| self.commit(
             ctx,
             |cat, _| {
-                let shard = cat.shard(&lib.id).ok_or_else(|| EngineError::not_found("library", library))?;
+                let shard = library_shard(cat, &lib.id, library)?;
                 let st = shard.state.read();
                 let doc = st.document(doc_id).ok_or_else(|| EngineError::not_found("document", doc_id))?;
                 if doc.chunks.len() + chunks.len() > CHUNKS_PER_DOCUMENT_LIMIT {
@@ -1235,9 +1227,7 @@ impl Engine {
             self.commit(
                 ctx,
                 |cat, _| {
-                    let shard = cat
-                        .shard(&lib_id)
-                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let shard = library_shard(cat, &lib_id, library)?;
                     let st = shard.state.read();
                     let doc = st
                         .document(doc_id)
@@ -1640,9 +1630,7 @@ impl Engine {
             self.commit(
                 ctx,
                 |cat, now| {
-                    let shard = cat
-                        .shard(&lib_id)
-                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let shard = library_shard(cat, &lib_id, library)?;
                     let mut lib = shard.state.read().library.clone();
                     if lib.index_type == index_type {
                         return Ok((Vec::new(), false));
@@ -1748,9 +1736,7 @@ impl Engine {
             self.commit(
                 ctx,
                 |cat, _| {
-                    let shard = cat
-                        .shard(&lib_id)
-                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let shard = library_shard(cat, &lib_id, library)?;
                     let st = shard.state.read();
                     if st
                         .staging
@@ -1877,9 +1863,7 @@ impl Engine {
             self.commit(
                 ctx,
                 |cat, _| {
-                    let shard = cat
-                        .shard(&lib_id)
-                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let shard = library_shard(cat, &lib_id, library)?;
                     let st = shard.state.read();
                     let same_target = st
                         .staging
@@ -1927,9 +1911,7 @@ impl Engine {
             self.commit(
                 ctx,
                 |cat, now| {
-                    let shard = cat
-                        .shard(&lib_id)
-                        .ok_or_else(|| EngineError::not_found("library", library))?;
+                    let shard = library_shard(cat, &lib_id, library)?;
                     let st = shard.state.read();
                     let Some(s) = st.staging.as_ref() else {
                         return Err(EngineError::Conflict {
@@ -2190,6 +2172,13 @@ impl<T: Clone> Retained<T> {
     fn take(&mut self) -> Option<T> {
         self.first.take().or_else(|| self.spare.clone())
     }
+}
+
+/// The shard of library `id` in a commit's view of the catalog, or `library_not_found` naming
+/// it as the caller did (`named`: an id or a name).
+fn library_shard<'a>(cat: &'a Catalog, id: &str, named: &str) -> Result<&'a Arc<Shard>> {
+    cat.shard(id)
+        .ok_or_else(|| EngineError::not_found("library", named))
 }
 
 /// Starts one of the engine's background threads.
