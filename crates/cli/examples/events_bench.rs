@@ -1263,6 +1263,59 @@ fn durability(target: &str) -> &'static str {
     }
 }
 
+/// One Quiver target's server: whose CPU is counted, where events are published and where
+/// the subscriber reads them (the same server, or another replica of its log).
+struct QuiverRun<'a> {
+    pid: u32,
+    base: &'a str,
+    sub_base: &'a str,
+    mode: QuiverMode,
+}
+
+/// Runs one phase per rate against `run`, one row each.
+async fn quiver_rates(
+    args: &Args,
+    target: &str,
+    run: &QuiverRun<'_>,
+    rates: &[Rate],
+    phase: &mut usize,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    for &rate in rates {
+        *phase += 1;
+        let mut row = Row {
+            target: target.to_string(),
+            durability: durability(target).to_string(),
+            rate: rate.label(),
+            ..Default::default()
+        };
+        let mut inner = row.clone();
+        with_cpu(
+            run.pid,
+            &mut row,
+            quiver_phase(
+                args,
+                run.base,
+                run.sub_base,
+                *phase,
+                rate,
+                1,
+                run.mode,
+                &mut inner,
+            ),
+        )
+        .await?;
+        row = Row {
+            server_cpu_s: row.server_cpu_s,
+            bench_cpu_s: row.bench_cpu_s,
+            ..inner
+        };
+        eprintln!("  {target} {}: {row:?}", row.rate);
+        rows.push(row);
+    }
+    Ok(())
+}
+
 async fn run_target(
     args: &Args,
     target: &str,
@@ -1304,24 +1357,13 @@ async fn run_target(
                     _ => ("never", "never"),
                 };
             let (proc, base) = start_quiver(args, fsync).await?;
-            for &rate in &rates {
-                *phase += 1;
-                let mut row = new_row(rate.label());
-                let mut inner = row.clone();
-                with_cpu(
-                    proc.pid(),
-                    &mut row,
-                    quiver_phase(args, &base, &base, *phase, rate, 1, mode, &mut inner),
-                )
-                .await?;
-                row = Row {
-                    server_cpu_s: row.server_cpu_s,
-                    bench_cpu_s: row.bench_cpu_s,
-                    ..inner
-                };
-                eprintln!("  {target} {}: {row:?}", row.rate);
-                rows.push(row);
-            }
+            let run = QuiverRun {
+                pid: proc.pid(),
+                base: &base,
+                sub_base: &base,
+                mode,
+            };
+            quiver_rates(args, target, &run, &rates, phase, rows).await?;
             if args.fanout_fsync.iter().any(|f| f == fsync_label) && args.fanout_clients > 0 {
                 *phase += 1;
                 let mut row = new_row(format!(
@@ -1372,24 +1414,13 @@ async fn run_target(
                 None
             };
             let sub_base = second.as_ref().map_or(base.clone(), |(_, b)| b.clone());
-            for &rate in &rates {
-                *phase += 1;
-                let mut row = new_row(rate.label());
-                let mut inner = row.clone();
-                with_cpu(
-                    a.pid(),
-                    &mut row,
-                    quiver_phase(args, &base, &sub_base, *phase, rate, 1, mode, &mut inner),
-                )
-                .await?;
-                row = Row {
-                    server_cpu_s: row.server_cpu_s,
-                    bench_cpu_s: row.bench_cpu_s,
-                    ..inner
-                };
-                eprintln!("  {target} {}: {row:?}", row.rate);
-                rows.push(row);
-            }
+            let run = QuiverRun {
+                pid: a.pid(),
+                base: &base,
+                sub_base: &sub_base,
+                mode,
+            };
+            quiver_rates(args, target, &run, &rates, phase, rows).await?;
             if let Some((b, _)) = second {
                 b.stop().await;
             }

@@ -300,11 +300,6 @@ impl JetStreamLog {
         &self.config
     }
 
-    /// The largest commit (encoded) the server accepts, in bytes.
-    pub fn message_bytes_limit(&self) -> usize {
-        self.message_bytes_limit
-    }
-
     fn handle(&self) -> &tokio::runtime::Handle {
         self.runtime
             .as_ref()
