@@ -7,6 +7,12 @@
 # faiss-cpu (PyPI) if it is missing or lacks them, builds the Rust
 # example in release mode, generates the dataset once under bench/data/ (gitignored), then
 # runs every engine in one process run. Honours CARGO_TARGET_DIR.
+#
+# HNSW_BASELINE=<git revision> also builds that revision's hnsw_bench (in a worktree under
+# the target dir) and passes it as --baseline-binary, for the engines quiver-baseline and
+# quiver-int8-baseline: a code change against its parent, on the same graph file, e.g.
+#   HNSW_BASELINE=HEAD~1 bash bench/hnsw.sh --dataset sift1m --graph-file \
+#       --engines quiver,quiver-baseline,hnswlib
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,4 +25,15 @@ cargo build --release -p quiver-index --example hnsw_bench
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BINARY="$TARGET_DIR/release/examples/hnsw_bench"
 
-OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$PYTHON" bench/hnsw_peers.py --binary "$BINARY" "$@"
+BASELINE_ARGS=()
+if [ -n "${HNSW_BASELINE:-}" ]; then
+    REV="$(git rev-parse --short "$HNSW_BASELINE")"
+    TREE="$TARGET_DIR/hnsw-baseline-$REV"
+    [ -d "$TREE" ] || git worktree add --detach "$TREE" "$REV"
+    CARGO_TARGET_DIR="$TARGET_DIR/hnsw-baseline-target" \
+        cargo build --release --manifest-path "$TREE/Cargo.toml" -p quiver-index --example hnsw_bench
+    BASELINE_ARGS=(--baseline-binary "$TARGET_DIR/hnsw-baseline-target/release/examples/hnsw_bench")
+fi
+
+OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$PYTHON" bench/hnsw_peers.py --binary "$BINARY" \
+    "${BASELINE_ARGS[@]}" "$@"

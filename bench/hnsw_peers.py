@@ -147,8 +147,9 @@ def build_faiss(base, queries, truth, metric, args):
 class Quiver:
     """The Rust example as a child process: it builds, reports, then serves `ef N` passes."""
 
-    def __init__(self, paths, dimension, metric, args, int8=None):
-        command = [args.binary, "--base", paths["base.f32"], "--queries", paths["queries.f32"],
+    def __init__(self, paths, dimension, metric, args, int8=None, baseline=False):
+        binary = args.baseline_binary if baseline else args.binary
+        command = [binary, "--base", paths["base.f32"], "--queries", paths["queries.f32"],
                    "--truth", paths["truth.u32"], "--dimension", str(dimension), "--metric",
                    metric, "--k", str(args.k), "--m", str(args.m), "--ef-construction",
                    str(args.ef_construction)]
@@ -159,9 +160,18 @@ class Quiver:
             # stale file would skip the build, so it goes first.
             path = os.path.join(args.data_dir, args.dataset,
                                 "graph-int8.bin" if int8 is not None else "graph.bin")
-            if os.path.exists(path) and not args.reuse_graph:
+            if baseline:
+                # A baseline build reads the graph the current build just wrote (the format
+                # is the same), so the two differ only in code, not in the graph searched.
+                if not os.path.exists(path):
+                    raise SystemExit(f"{path} missing: list quiver{'-int8' if int8 else ''} "
+                                     "before its baseline in --engines")
+            elif os.path.exists(path) and not args.reuse_graph:
                 os.remove(path)
             command += ["--graph", path]
+        elif baseline:
+            raise SystemExit("baseline engines need --graph-file: they search the graph file "
+                             "the current build wrote")
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, bufsize=1)
         line = self.process.stdout.readline()
@@ -169,7 +179,8 @@ class Quiver:
             raise SystemExit("hnsw_bench exited during the build")
         self.result = json.loads(line)
         self.result["engine"] = "quiver HnswIndex" + (
-            f" int8 (rescore, oversampling {int8})" if int8 else "")
+            f" int8 (rescore, oversampling {int8})" if int8 else "") + (
+            " (baseline build)" if baseline else "")
 
     def run(self, ef):
         self.process.stdin.write(f"ef {ef}\n")
@@ -209,6 +220,10 @@ def main():
     parser.add_argument("--reuse-graph", action="store_true",
                         help="with --graph-file: load a graph file left by an earlier run "
                              "instead of building (no build time; start-up time only)")
+    parser.add_argument("--baseline-binary",
+                        help="engines quiver-baseline / quiver-int8-baseline: this hnsw_bench "
+                             "(e.g. built from the previous commit) loads the graph file the "
+                             "current build wrote, so a code change is measured on one graph")
     parser.add_argument("--hnswlib-cache", action="store_true",
                         help="hnswlib: load bench/data/<dataset>/hnswlib.bin if present "
                              "(no build time), else build and save it")
@@ -230,6 +245,11 @@ def main():
             engines.append(Quiver(paths, dimension, metric, args))
         elif engine == "quiver-int8":
             engines.append(Quiver(paths, dimension, metric, args, args.oversampling))
+        elif engine in ("quiver-baseline", "quiver-int8-baseline"):
+            if not args.baseline_binary:
+                raise SystemExit(f"{engine} needs --baseline-binary")
+            int8 = args.oversampling if engine == "quiver-int8-baseline" else None
+            engines.append(Quiver(paths, dimension, metric, args, int8, baseline=True))
         elif engine == "hnswlib":
             engines.append(build_hnswlib(base, queries, truth, metric, args))
         elif engine == "faiss":

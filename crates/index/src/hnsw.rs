@@ -11,14 +11,15 @@
 //! `⌊−ln(U)/ln(m)⌋`.
 //!
 //! Layout (chosen for the search loop, after hnswlib): one [`Arena`] block of words per row
-//! holding its level-0 neighbour count, its level-0 links bit-packed at `⌈log₂ rows⌉` bits
-//! each, and its vector (or codes), so scoring a node brings in the lines that expanding it
-//! later reads, and a list of `2m` links costs `2m · 17` bits at 100k rows instead of
-//! `2m · 32`; upper levels (≈ 1/m of rows) sit in a pooled `Vec<u32>` reached by an offset per
-//! row. The visited set is a per-thread array of generation stamps (no clearing per query),
-//! and a node's unvisited neighbours are all prefetched (first payload line) before any is
-//! scored, the rest of the next one while the current one is; a candidate's block head
-//! (count and links) is prefetched when it is queued.
+//! holding its level-0 links bit-packed at `⌈log₂ (rows + 1)⌉` bits each (a short list ends at
+//! an all-ones mark, so no count word) and its vector (or codes), so scoring a node brings in
+//! the lines that expanding it later reads, and a list of `2m` links costs `2m · 17` bits at
+//! 100k rows instead of `2m · 32`; upper levels (≈ 1/m of rows) sit in a pooled `Vec<u32>`
+//! reached through a table sorted by row that holds only those rows ([`UpperOffsets`]); ids
+//! are 4 bytes while they fit ([`RowIds`]). The visited set is a per-thread array of
+//! generation stamps (no clearing per query), and a node's unvisited neighbours are all
+//! prefetched (first payload line) before any is scored, the rest of the next one while the
+//! current one is; a candidate's block head (its links) is prefetched when it is queued.
 //!
 //! It must never do I/O beyond the caller's `Write`/`Read`, lock, spawn threads or keep state
 //! between searches in `self`: `search(&self)` runs concurrently from many threads, so all
@@ -84,8 +85,8 @@ pub const PLANNER_SAMPLE_ROWS: usize = 256;
 const PREFETCH_LINES: usize = 4;
 /// Relative cost of one filter call against one distance, in the planner's rule.
 const FILTER_COST: f64 = 0.1;
-/// Marks a row with no upper-level block.
-const NO_UPPER: u32 = u32::MAX;
+/// Largest `upper_links` pool: its offsets are `u32`.
+const UPPER_POOL_WORDS_LIMIT: usize = u32::MAX as usize;
 /// The arena doubles below this size and grows by an eighth from it on (see `push_row`).
 const ARENA_GEOMETRIC_BYTES_MAX: usize = 64 << 20;
 const MAGIC: &[u8; 8] = b"QVHNSW\0\0";
@@ -218,12 +219,14 @@ impl From<std::io::Error> for IndexFormatError {
 
 /// Level-0 storage, one fixed-size block of `u32` words per row (hnswlib's layout: scoring a
 /// node and later expanding it touch the same few cache lines):
-/// `[count][level-0 links, bit-packed: link_words][payload]`. The payload is the `f32` vector
+/// `[level-0 links, bit-packed: link_words][payload]`. The payload is the `f32` vector
 /// (`dimension` words) or, once int8 is trained, the codes (`⌈dimension / 4⌉` words) followed,
 /// for L2, by the decoded row's squared norm (one `f32` word). Links take `link_bits` bits
 /// each, the fewest that number every row the arena is laid out for (at least
 /// [`MIN_LINK_BITS`]); when rows outgrow them the arena is laid out again with one more bit,
-/// so a list of `2m` links costs `2m · ⌈log₂ rows⌉` bits instead of `2m · 32`.
+/// so a list of `2m` links costs `2m · ⌈log₂ (rows + 1)⌉` bits instead of `2m · 32`. A list
+/// shorter than `2m` ends at the first slot holding the all-ones value ([`Arena::end_mark`]),
+/// which no row number takes, so a block spends no word on a count.
 #[derive(Clone, Debug)]
 struct Arena {
     words: Vec<u32>,
@@ -238,10 +241,10 @@ struct Arena {
 /// Fewest bits per packed link (so a growing index is not laid out again for its first rows).
 const MIN_LINK_BITS: u32 = 8;
 
-/// Bits that number rows `0..rows` (at least [`MIN_LINK_BITS`], at most 32).
+/// Bits that number rows `0..rows` and leave the all-ones value free for the end-of-list
+/// mark (at least [`MIN_LINK_BITS`], at most 32).
 fn link_bits_for(rows: usize) -> u32 {
-    let largest = rows.saturating_sub(1) as u64;
-    (u64::BITS - largest.leading_zeros()).clamp(MIN_LINK_BITS, 32)
+    (u64::BITS - (rows as u64).leading_zeros()).clamp(MIN_LINK_BITS, 32)
 }
 
 /// The words of a block's float payload as `f32`s.
@@ -309,7 +312,7 @@ impl Arena {
             link_capacity,
             link_words,
             payload_words,
-            block_words: 1 + link_words + payload_words,
+            block_words: link_words + payload_words,
         }
     }
 
@@ -317,13 +320,19 @@ impl Arena {
         self.words.len() / self.block_words
     }
 
-    /// Rows whose numbers fit in `link_bits`.
+    /// Rows whose numbers fit in `link_bits` below the end mark.
     fn row_capacity(&self) -> usize {
         if self.link_bits >= 32 {
             ROW_LIMIT
         } else {
-            1usize << self.link_bits
+            (1usize << self.link_bits) - 1
         }
+    }
+
+    /// The link value that ends a list shorter than `2m`: all ones, never a row.
+    #[inline]
+    fn end_mark(&self) -> u32 {
+        (((1u64) << self.link_bits) - 1) as u32
     }
 
     fn memory_bytes(&self) -> usize {
@@ -336,12 +345,13 @@ impl Arena {
         &self.words[start..start + self.block_words]
     }
 
-    /// Link `i` of `block` (`i < 2m`). The read of the following word stays inside the block:
-    /// the payload (at least one word) follows the links.
+    /// Link `i` of `block` (`i < 2m`), or [`Arena::end_mark`] past the end of its list. The
+    /// read of the following word stays inside the block: the payload (at least one word)
+    /// follows the links.
     #[inline]
     fn link(&self, block: &[u32], i: usize) -> u32 {
         let bit = i * self.link_bits as usize;
-        let word = 1 + bit / 32;
+        let word = bit / 32;
         let pair = block[word] as u64 | (block[word + 1] as u64) << 32;
         ((pair >> (bit % 32)) & ((1u64 << self.link_bits) - 1)) as u32
     }
@@ -349,8 +359,12 @@ impl Arena {
     fn links_into(&self, row: u32, out: &mut Vec<u32>) {
         out.clear();
         let block = self.block(row);
-        let count = (block[0] as usize).min(self.link_capacity);
-        out.extend((0..count).map(|i| self.link(block, i)));
+        let end = self.end_mark();
+        out.extend(
+            (0..self.link_capacity)
+                .map(|i| self.link(block, i))
+                .take_while(|&link| link != end),
+        );
     }
 
     fn set_links(&mut self, row: u32, links: &[u32]) {
@@ -359,14 +373,14 @@ impl Arena {
         let mask = (1u64 << bits) - 1;
         let start = row as usize * self.block_words;
         let block = &mut self.words[start..start + self.block_words];
-        block[0] = links.len() as u32;
-        for (i, &link) in links.iter().enumerate() {
+        let end = std::iter::repeat_n(mask as u32, self.link_capacity - links.len());
+        for (i, link) in links.iter().copied().chain(end).enumerate() {
             assert!(
-                link as u64 <= mask,
+                i >= links.len() || (link as u64) < mask,
                 "Arena: link {link} needs more than {bits} bits"
             );
             let bit = i * bits;
-            let (word, shift) = (1 + bit / 32, bit % 32);
+            let (word, shift) = (bit / 32, bit % 32);
             let pair = block[word] as u64 | (block[word + 1] as u64) << 32;
             let pair = (pair & !(mask << shift)) | ((link as u64) << shift);
             block[word] = pair as u32;
@@ -376,16 +390,16 @@ impl Arena {
 
     #[inline]
     fn payload(&self, row: u32) -> &[u32] {
-        let start = row as usize * self.block_words + 1 + self.link_words;
+        let start = row as usize * self.block_words + self.link_words;
         &self.words[start..start + self.payload_words]
     }
 
     fn payload_mut(&mut self, row: u32) -> &mut [u32] {
-        let start = row as usize * self.block_words + 1 + self.link_words;
+        let start = row as usize * self.block_words + self.link_words;
         &mut self.words[start..start + self.payload_words]
     }
 
-    /// Appends a zeroed block (no links, zero payload). The arena doubles while small and
+    /// Appends a block with no links and a zero payload. The arena doubles while small and
     /// grows by an eighth once it is [`ARENA_GEOMETRIC_BYTES_MAX`] or more: growth that large
     /// is a remap, not a copy (see `reserve_words`), so small steps cost little, and doubling
     /// would leave up to half of a large arena allocated but unused — the first insert into a
@@ -401,7 +415,10 @@ impl Arena {
             };
             self.reserve_words(needed.max(grown));
         }
+        let start = self.words.len();
         self.words.resize(needed, 0);
+        // All-ones link words: every slot reads as the end mark, an empty list.
+        self.words[start..start + self.link_words].fill(u32::MAX);
     }
 
     /// Makes the capacity at least `capacity_words` (exactly that when it grows). The first
@@ -453,6 +470,177 @@ impl Arena {
     }
 }
 
+/// Grows `v` to hold `additional` more elements by at least an eighth of its capacity (not
+/// by doubling), so a pool that grows with the rows keeps at most ⅛ of it unused: doubling
+/// left the upper link pool of a million-row graph half empty (4 B per row of slack).
+fn reserve_by_eighths<T>(v: &mut Vec<T>, additional: usize) {
+    let needed = v.len().saturating_add(additional);
+    if needed > v.capacity() {
+        let grown = v.capacity() + v.capacity() / 8;
+        v.reserve_exact(needed.max(grown) - v.len());
+    }
+}
+
+/// The caller id of every row: 4 bytes each while every id fits in a `u32` (the engine's
+/// chunk keys count up from 0, and so do most callers' row numbers), 8 from the first id that
+/// does not, for good. At 128 dimensions with int8 codes the 4 bytes saved are 2 % of a row.
+#[derive(Clone, Debug)]
+enum RowIds {
+    Narrow(Vec<u32>),
+    Wide(Vec<u64>),
+}
+
+impl Default for RowIds {
+    fn default() -> Self {
+        RowIds::Narrow(Vec::new())
+    }
+}
+
+impl From<Vec<u64>> for RowIds {
+    fn from(ids: Vec<u64>) -> Self {
+        if ids.iter().all(|&id| u32::try_from(id).is_ok()) {
+            RowIds::Narrow(ids.into_iter().map(|id| id as u32).collect())
+        } else {
+            RowIds::Wide(ids)
+        }
+    }
+}
+
+impl RowIds {
+    fn len(&self) -> usize {
+        match self {
+            RowIds::Narrow(v) => v.len(),
+            RowIds::Wide(v) => v.len(),
+        }
+    }
+
+    /// Rows there is room for without growing.
+    fn capacity(&self) -> usize {
+        match self {
+            RowIds::Narrow(v) => v.capacity(),
+            RowIds::Wide(v) => v.capacity(),
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        match self {
+            RowIds::Narrow(v) => v.capacity() * 4,
+            RowIds::Wide(v) => v.capacity() * 8,
+        }
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        match self {
+            RowIds::Narrow(v) => v.reserve(additional),
+            RowIds::Wide(v) => v.reserve(additional),
+        }
+    }
+
+    #[inline]
+    fn get(&self, index: usize) -> u64 {
+        match self {
+            RowIds::Narrow(v) => u64::from(v[index]),
+            RowIds::Wide(v) => v[index],
+        }
+    }
+
+    /// Widens every id to 8 bytes, keeping the capacity (in rows).
+    fn widen(&mut self) {
+        if let RowIds::Narrow(v) = self {
+            let mut wide = Vec::with_capacity(v.capacity());
+            wide.extend(v.iter().map(|&id| u64::from(id)));
+            *self = RowIds::Wide(wide);
+        }
+    }
+
+    fn set(&mut self, index: usize, id: u64) {
+        if u32::try_from(id).is_err() {
+            self.widen();
+        }
+        match self {
+            RowIds::Narrow(v) => v[index] = id as u32,
+            RowIds::Wide(v) => v[index] = id,
+        }
+    }
+
+    fn push(&mut self, id: u64) {
+        if u32::try_from(id).is_err() {
+            self.widen();
+        }
+        match self {
+            RowIds::Narrow(v) => v.push(id as u32),
+            RowIds::Wide(v) => v.push(id),
+        }
+    }
+
+    fn to_vec(&self) -> Vec<u64> {
+        (0..self.len()).map(|i| self.get(i)).collect()
+    }
+}
+
+/// The offset of each upper-level block in `upper_links`, for the rows that have one.
+///
+/// Only ≈ 1/m of rows live above level 0, so a `u32` per row (4 B, of which 15 in 16 said
+/// "none") is replaced by a table sorted by row: 8 B per upper row, ≈ 0.5 B per row at
+/// m = 16. A lookup is a binary search; the search loop does one per upper-level hop (a few per
+/// query), never on level 0. New rows are numbered past every old one, so they append; a
+/// reused row that rises above level 0 is inserted in place.
+#[derive(Clone, Debug, Default)]
+struct UpperOffsets {
+    /// `(row, offset)`, strictly increasing by row.
+    entries: Vec<(u32, u32)>,
+}
+
+impl UpperOffsets {
+    fn with_capacity(rows: usize) -> UpperOffsets {
+        UpperOffsets {
+            entries: Vec::with_capacity(rows),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<(u32, u32)>()
+    }
+
+    #[inline]
+    fn get(&self, row: u32) -> Option<u32> {
+        self.entries
+            .binary_search_by_key(&row, |&(r, _)| r)
+            .ok()
+            .map(|i| self.entries[i].1)
+    }
+
+    /// Points `row` at `offset` (a new entry, or a moved block for a row that rose).
+    fn set(&mut self, row: u32, offset: u32) {
+        match self.entries.last() {
+            Some(&(last, _)) if last >= row => {
+                match self.entries.binary_search_by_key(&row, |&(r, _)| r) {
+                    Ok(i) => self.entries[i].1 = offset,
+                    Err(i) => {
+                        reserve_by_eighths(&mut self.entries, 1);
+                        self.entries.insert(i, (row, offset));
+                    }
+                }
+            }
+            _ => {
+                reserve_by_eighths(&mut self.entries, 1);
+                self.entries.push((row, offset));
+            }
+        }
+    }
+
+    fn assert_invariants(&self) {
+        assert!(
+            self.entries.windows(2).all(|w| w[0].0 < w[1].0),
+            "upper offsets out of row order"
+        );
+    }
+}
+
 /// Payload words of one row: the float vector, or the codes plus (L2) the norm.
 fn payload_words_for(dimension: usize, metric: Metric, quantized: bool) -> usize {
     if quantized {
@@ -474,12 +662,12 @@ pub struct HnswIndex {
     /// Level-0 links and vectors (or codes), one block per row.
     arena: Arena,
     /// Caller id per row (a tombstoned row keeps its stale id).
-    ids: Vec<u64>,
+    ids: RowIds,
     live: Vec<bool>,
     /// Top level of each row's node.
     levels: Vec<u8>,
-    /// Per row, offset of its upper block in `upper_links`, or `NO_UPPER` at level 0.
-    upper_offsets: Vec<u32>,
+    /// Offset of each upper block in `upper_links`, for the rows above level 0 only.
+    upper_offsets: UpperOffsets,
     /// Blocks of `level × (1 + m)`: for levels 1..=level, a count then up to `m` rows.
     upper_links: Vec<u32>,
     /// Tombstoned rows awaiting reuse; exactly the rows that are not live.
@@ -610,10 +798,10 @@ impl HnswIndex {
                 2 * params.m,
                 payload_words_for(dimension, metric, false),
             ),
-            ids: Vec::new(),
+            ids: RowIds::default(),
             live: Vec::new(),
             levels: Vec::new(),
-            upper_offsets: Vec::new(),
+            upper_offsets: UpperOffsets::default(),
             upper_links: Vec::new(),
             free_rows: Vec::new(),
             live_count: 0,
@@ -673,13 +861,22 @@ impl HnswIndex {
         std::mem::size_of::<Self>()
             + self.quantizer.as_ref().map_or(0, Sq8::memory_bytes)
             + self.arena.memory_bytes()
-            + self.ids.capacity() * 8
+            + self.ids.memory_bytes()
             + self.live.capacity()
             + self.levels.capacity()
-            + (self.upper_offsets.capacity()
-                + self.upper_links.capacity()
-                + self.free_rows.capacity())
-                * 4
+            + self.upper_offsets.memory_bytes()
+            + (self.upper_links.capacity() + self.free_rows.capacity()) * 4
+    }
+
+    /// `row`'s level-0 neighbours (tombstoned ones included: they stay waypoints), into
+    /// `out`. For inspecting the graph (degrees, link statistics: `examples/hnsw_links.rs`);
+    /// searches read the arena directly. Asserts `row < slot_count()`.
+    pub fn level0_neighbours(&self, row: u32, out: &mut Vec<u32>) {
+        assert!(
+            (row as usize) < self.ids.len(),
+            "HnswIndex::level0_neighbours: row {row} out of range"
+        );
+        self.arena.links_into(row, out);
     }
 
     /// Reserves room for `additional_rows` more rows (vectors or codes, ids, links).
@@ -704,7 +901,6 @@ impl HnswIndex {
         self.ids.reserve(additional_rows);
         self.live.reserve(additional_rows);
         self.levels.reserve(additional_rows);
-        self.upper_offsets.reserve(additional_rows);
     }
 
     /// Replaces the arena by a copy with `link_bits` and `payload_words` (see [`Arena::relaid`]).
@@ -738,8 +934,11 @@ impl HnswIndex {
     /// Offset of `row`'s list at `level ≥ 1` in `upper_links`.
     #[inline]
     fn upper_offset(&self, row: u32, level: usize) -> usize {
-        let base = self.upper_offsets[row as usize];
-        debug_assert!(level >= 1 && base != NO_UPPER);
+        debug_assert!(level >= 1);
+        let base = self
+            .upper_offsets
+            .get(row)
+            .expect("a row above level 0 has a block");
         debug_assert!(level <= self.levels[row as usize] as usize);
         base as usize + (level - 1) * self.stride_upper()
     }
@@ -813,7 +1012,7 @@ impl HnswIndex {
     /// Prefetches cache lines `lines` (64 bytes each) of `row`'s payload, clipped to it.
     #[inline]
     fn prefetch_row(&self, row: u32, lines: std::ops::Range<usize>) {
-        let start_bytes = (1 + self.arena.link_words) * 4;
+        let start_bytes = self.arena.link_words * 4;
         let payload_bytes = self.arena.payload_words * 4;
         for line in lines {
             let offset = line * 64;
@@ -824,10 +1023,10 @@ impl HnswIndex {
         }
     }
 
-    /// Prefetches `row`'s level-0 count and links (the head of its block).
+    /// Prefetches `row`'s level-0 links (the head of its block).
     #[inline]
     fn prefetch_links0(&self, row: u32) {
-        let end_bytes = (1 + self.arena.link_words) * 4;
+        let end_bytes = self.arena.link_words * 4;
         let mut offset = 0;
         while offset < end_bytes {
             prefetch(self.arena.address(row, offset));
@@ -925,10 +1124,11 @@ impl HnswIndex {
                 // Never lower a node: edges at its old levels may point at it.
                 let level = old_level.max(drawn);
                 if level > old_level {
-                    self.upper_offsets[index] = self.allocate_upper(level);
+                    let offset = self.allocate_upper(level);
+                    self.upper_offsets.set(row, offset);
                 }
                 self.levels[index] = level as u8;
-                self.ids[index] = id;
+                self.ids.set(index, id);
                 (row, level)
             }
             None => {
@@ -947,12 +1147,10 @@ impl HnswIndex {
                 self.ids.push(id);
                 self.live.push(false);
                 self.levels.push(drawn as u8);
-                let offset = if drawn > 0 {
-                    self.allocate_upper(drawn)
-                } else {
-                    NO_UPPER
-                };
-                self.upper_offsets.push(offset);
+                if drawn > 0 {
+                    let offset = self.allocate_upper(drawn);
+                    self.upper_offsets.set(row, offset);
+                }
                 self.arena.push_row();
                 (row, drawn)
             }
@@ -987,9 +1185,10 @@ impl HnswIndex {
         let offset = self.upper_links.len();
         let length = level * self.stride_upper();
         assert!(
-            offset + length < NO_UPPER as usize,
+            offset + length <= UPPER_POOL_WORDS_LIMIT,
             "HnswIndex: upper link pool full"
         );
+        reserve_by_eighths(&mut self.upper_links, length);
         self.upper_links.resize(offset + length, 0);
         offset as u32
     }
@@ -1176,9 +1375,12 @@ impl HnswIndex {
             pending.clear();
             if level == 0 {
                 let block = self.arena.block(row);
-                let count = (block[0] as usize).min(self.arena.link_capacity);
-                for i in 0..count {
+                let end = self.arena.end_mark();
+                for i in 0..self.arena.link_capacity {
                     let neighbour = self.arena.link(block, i);
+                    if neighbour == end {
+                        break;
+                    }
                     if !visit(neighbour) {
                         self.prefetch_row(neighbour, 0..1);
                         pending.push(neighbour);
@@ -1200,8 +1402,8 @@ impl HnswIndex {
                 let full = results.len() >= ef;
                 let worst = results.peek().map_or(f32::INFINITY, |n| n.0);
                 if !full || k < worst {
-                    // It may be expanded soon: fetch the head of its block (count and links,
-                    // just before the vector that was read) while the search goes on.
+                    // It may be expanded soon: fetch the head of its block (its links, just
+                    // before the vector that was read) while the search goes on.
                     if level == 0 {
                         self.prefetch_links0(neighbour);
                     }
@@ -1239,15 +1441,16 @@ impl HnswIndex {
     /// The caller id of a live row.
     pub fn id(&self, row: u32) -> Option<u64> {
         let index = row as usize;
-        (index < self.ids.len() && self.live[index]).then(|| self.ids[index])
+        (index < self.ids.len() && self.live[index]).then(|| self.ids.get(index))
     }
 
     /// Renames every live row's caller id through `f` (the graph is unchanged). The engine
     /// uses it to save a graph under the ids its rows will have when a snapshot is loaded.
     pub fn remap_ids(&mut self, mut f: impl FnMut(u64) -> u64) {
-        for (id, live) in self.ids.iter_mut().zip(&self.live) {
-            if *live {
-                *id = f(*id);
+        for (index, &live) in self.live.iter().enumerate() {
+            if live {
+                let id = f(self.ids.get(index));
+                self.ids.set(index, id);
             }
         }
     }
@@ -1269,7 +1472,7 @@ impl HnswIndex {
         for row in (0..slots).step_by(stride).take(PLANNER_SAMPLE_ROWS) {
             if self.live[row] {
                 sampled += 1;
-                if filter(self.ids[row]) {
+                if filter(self.ids.get(row)) {
                     matched += 1;
                 }
             }
@@ -1386,7 +1589,7 @@ impl HnswIndex {
             let index = row as usize;
             self.live[index]
                 && match filter {
-                    Some(f) => f(self.ids[index]),
+                    Some(f) => f(self.ids.get(index)),
                     None => true,
                 }
         };
@@ -1403,7 +1606,7 @@ impl HnswIndex {
         let mut results: Vec<(u64, f32)> = found
             .into_iter()
             .map(|Near(key, row)| {
-                let id = self.ids[row as usize];
+                let id = self.ids.get(row as usize);
                 let key = match source.filter(|_| rescore).and_then(|s| s.vector(id)) {
                     Some(original) => {
                         assert_eq!(
@@ -1471,7 +1674,12 @@ impl HnswIndex {
         assert!(slots <= ROW_LIMIT);
         assert_eq!(self.live.len(), slots);
         assert_eq!(self.levels.len(), slots);
-        assert_eq!(self.upper_offsets.len(), slots);
+        self.upper_offsets.assert_invariants();
+        assert_eq!(
+            self.upper_offsets.len(),
+            self.levels.iter().filter(|&&l| l > 0).count(),
+            "one upper block per row above level 0"
+        );
         let arena = &self.arena;
         assert_eq!(arena.words.len(), slots * arena.block_words);
         assert_eq!(arena.link_capacity, 2 * self.params.m);
@@ -1521,12 +1729,22 @@ impl HnswIndex {
             let level = self.levels[row as usize] as usize;
             assert!(level <= self.max_level && level < LEVEL_LIMIT);
             if level > 0 {
-                let base = self.upper_offsets[row as usize] as usize;
+                let base = self.upper_offsets.get(row).expect("upper block") as usize;
                 assert!(base + level * self.stride_upper() <= self.upper_links.len());
             }
             for l in 0..=level {
                 let count = if l == 0 {
-                    arena.block(row)[0] as usize
+                    // A list ends at the first end mark; no slot after it holds a link.
+                    let block = arena.block(row);
+                    let end = arena.end_mark();
+                    let count = (0..arena.link_capacity)
+                        .position(|i| arena.link(block, i) == end)
+                        .unwrap_or(arena.link_capacity);
+                    assert!(
+                        (count..arena.link_capacity).all(|i| arena.link(block, i) == end),
+                        "row {row}: a link after the end of its list"
+                    );
+                    count
                 } else {
                     self.upper_links[self.upper_offset(row, l)] as usize
                 };
@@ -1602,7 +1820,7 @@ impl HnswIndex {
         e.u64(slots as u64)?;
         e.u32(self.entry.unwrap_or(u32::MAX))?;
         e.u8(self.max_level as u8)?;
-        e.u64s(&self.ids)?;
+        e.u64s(&self.ids.to_vec())?;
         let live: Vec<u8> = self.live.iter().map(|&l| l as u8).collect();
         e.bytes(&live)?;
         e.bytes(&self.levels)?;
@@ -1642,7 +1860,7 @@ impl HnswIndex {
         for row in 0..slots {
             let level = self.levels[row] as usize;
             if level > 0 {
-                let base = self.upper_offsets[row] as usize;
+                let base = self.upper_offsets.get(row as u32).expect("upper block") as usize;
                 e.u32s(&self.upper_links[base..base + level * self.stride_upper()])?;
             }
         }
@@ -1738,7 +1956,7 @@ impl HnswIndex {
         if max_level >= LEVEL_LIMIT {
             return Err(format!("max level {max_level}"));
         }
-        index.ids = d.u64s(slots)?;
+        index.ids = RowIds::from(d.u64s(slots)?);
         index.live = d
             .bytes(slots)?
             .iter()
@@ -1840,17 +2058,28 @@ impl HnswIndex {
             index.arena.set_links(row, &list);
         }
         let stride_upper = index.stride_upper();
-        index.upper_offsets = Vec::with_capacity(slots);
+        // Sized exactly from the levels (each ≤ LEVEL_LIMIT, so no overflow): no growth slack.
+        let upper_rows = index.levels.iter().filter(|&&l| l > 0).count();
+        let upper_words: usize = index
+            .levels
+            .iter()
+            .map(|&l| l as usize * stride_upper)
+            .sum();
+        if upper_words > UPPER_POOL_WORDS_LIMIT {
+            return Err("upper link pool overflows".into());
+        }
+        if upper_words > d.remaining() / 4 {
+            return Err(format!(
+                "levels need {upper_words} upper link words, more than the payload holds"
+            ));
+        }
+        index.upper_offsets = UpperOffsets::with_capacity(upper_rows);
+        index.upper_links = Vec::with_capacity(upper_words);
         for row in 0..slots {
             let level = index.levels[row] as usize;
-            if level == 0 {
-                index.upper_offsets.push(NO_UPPER);
-            } else {
+            if level > 0 {
                 let offset = index.upper_links.len();
-                if offset + level * stride_upper >= NO_UPPER as usize {
-                    return Err("upper link pool overflows".into());
-                }
-                index.upper_offsets.push(offset as u32);
+                index.upper_offsets.set(row as u32, offset as u32);
                 let block = d.u32s(level * stride_upper)?;
                 index.upper_links.extend_from_slice(&block);
             }
@@ -1858,7 +2087,8 @@ impl HnswIndex {
         for row in 0..slots {
             let level = index.levels[row] as usize;
             for l in 1..=level {
-                let base = index.upper_offsets[row] as usize + (l - 1) * stride_upper;
+                let base = index.upper_offsets.get(row as u32).expect("set above") as usize
+                    + (l - 1) * stride_upper;
                 let list = &index.upper_links[base..base + stride_upper];
                 let count = list[0] as usize;
                 if count > params.m {
@@ -2146,6 +2376,92 @@ mod tests {
         index.assert_invariants();
         let found = index.search(&[0.0, 1.0, 0.0, 0.5], 1, None, None, None, None);
         assert_eq!(found[0].0, 1000);
+    }
+
+    #[test]
+    fn lists_end_at_the_end_mark_and_links_widen_before_it_is_a_row() {
+        // 8 bits number rows 0..=254: 255 is the end mark, so row 255 needs a ninth bit.
+        let index = tiny(Metric::L2, Quantization::None, 255);
+        assert_eq!(index.link_bits(), 8);
+        index.assert_invariants();
+        let index = tiny(Metric::L2, Quantization::None, 256);
+        assert_eq!(index.link_bits(), 9);
+        index.assert_invariants();
+        // Every row has links and none past its list's end; full and short lists both occur.
+        let mut list = Vec::new();
+        let (mut full, mut short) = (0, 0);
+        for row in 0..256 {
+            index.level0_neighbours(row, &mut list);
+            assert!(!list.is_empty() && list.iter().all(|&n| n < 256 && n != row));
+            if list.len() == 2 * index.params().m {
+                full += 1;
+            } else {
+                short += 1;
+            }
+        }
+        assert!(full > 0 && short > 0, "full {full}, short {short}");
+    }
+
+    #[test]
+    fn ids_past_u32_widen_the_id_table_and_survive_a_round_trip() {
+        let mut index = tiny(Metric::L2, Quantization::None, 300);
+        let narrow_bytes = index.memory_bytes();
+        // Far from every `tiny` row (their components lie in [-1, 1]): its own nearest.
+        let probe = [3.0, -3.0, 3.0, 0.5];
+        let big = (1u64 << 40) + 7;
+        index.remove(3);
+        let row = index.insert(big, &probe);
+        assert_eq!(row, 3, "the freed row is reused");
+        assert_eq!(index.id(row), Some(big));
+        assert!(
+            index.memory_bytes() >= narrow_bytes + 300 * 4,
+            "ids are 8 bytes now"
+        );
+        index.assert_invariants();
+        let found = index.search(&probe, 1, None, None, None, None);
+        assert_eq!(found[0].0, big);
+        let only_big = |id: u64| id == big;
+        let found = index.search(&probe, 1, None, None, Some(&only_big), None);
+        assert_eq!(found, vec![(big, found[0].1)]);
+        let mut bytes = Vec::new();
+        index.write_to(&mut bytes).expect("write");
+        let back = HnswIndex::read_from(&mut &bytes[..]).expect("read");
+        back.assert_invariants();
+        assert_eq!(back.id(3), Some(big));
+        assert_eq!(back.id(4), Some(4));
+        // Renamed back below 2³², ids read back 4 bytes wide again.
+        let mut renamed = back.clone();
+        renamed.remap_ids(|id| if id == big { 3 } else { id });
+        let mut bytes = Vec::new();
+        renamed.write_to(&mut bytes).expect("write");
+        let narrow = HnswIndex::read_from(&mut &bytes[..]).expect("read");
+        assert_eq!(narrow.id(3), Some(3));
+        assert!(narrow.memory_bytes() + 300 * 4 <= back.memory_bytes());
+    }
+
+    #[test]
+    fn upper_offsets_stay_sorted_when_a_reused_row_rises() {
+        let mut index = tiny(Metric::L2, Quantization::None, 400);
+        let upper_before = index.upper_offsets.len();
+        // Free every level-0 row, then reinsert until some reused row draws a level above 0.
+        let ground: Vec<u32> = (0..400u32)
+            .filter(|&r| index.levels[r as usize] == 0 && Some(r) != index.entry)
+            .collect();
+        for &row in &ground {
+            index.remove(row);
+        }
+        let mut risen = 0;
+        for i in 0..ground.len() {
+            let x = i as f32 + 0.5;
+            let reused = index.insert(10_000 + i as u64, &[x.sin(), x.cos(), 0.3, 0.5]);
+            assert!(ground.contains(&reused), "a freed row is reused");
+            if index.levels[reused as usize] > 0 {
+                risen += 1;
+            }
+        }
+        assert!(risen > 0, "some reused row rose above level 0");
+        assert_eq!(index.upper_offsets.len(), upper_before + risen);
+        index.assert_invariants();
     }
 
     #[test]
