@@ -410,6 +410,24 @@ pub fn prepare_document_deferred(
     ))
 }
 
+/// One document as an export line (`GET /v1/libraries/{id}/documents/stream` and the
+/// `batch_export` job write it): the shape [`DocumentInput`] reads back on import, with each
+/// vector as `embedding_b64` when `include_embeddings`.
+pub fn export_line(d: &Document, include_embeddings: bool) -> Value {
+    let chunks: Vec<Value> = d
+        .chunks
+        .iter()
+        .map(|c| {
+            let mut v = serde_json::json!({"id": c.id, "text": c.text, "metadata": c.metadata});
+            if include_embeddings {
+                v["embedding_b64"] = serde_json::json!(B64Vector::encode(&c.embedding));
+            }
+            v
+        })
+        .collect();
+    serde_json::json!({"id": d.id, "title": d.title, "metadata": d.metadata, "chunks": chunks})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@
 
 use crate::{Job, JobError, JobType, Jobs, Result, MAX_RETRIES_DEFAULT, MAX_RETRIES_LIMIT};
 use quiver_engine::filter::Filter;
-use quiver_engine::input::{B64Vector, DocumentInput, IndexChange};
+use quiver_engine::input::{export_line, DocumentInput, IndexChange};
 use quiver_engine::{Engine, EngineError, ItemOutcome, WriteCtx};
 use serde_json::{json, Map, Value};
 use std::io::{BufRead, Write};
@@ -565,22 +565,6 @@ fn parse_line(text: &[u8]) -> Option<std::result::Result<DocumentInput, EngineEr
             _ => EngineError::invalid("malformed_json", e.to_string()),
         }
     }))
-}
-
-/// One export line, as `GET /v1/libraries/{id}/documents/stream` writes it.
-pub fn export_line(d: &quiver_model::Document, include_embeddings: bool) -> Value {
-    let chunks: Vec<Value> = d
-        .chunks
-        .iter()
-        .map(|c| {
-            let mut v = json!({"id": c.id, "text": c.text, "metadata": c.metadata});
-            if include_embeddings {
-                v["embedding_b64"] = json!(B64Vector::encode(&c.embedding));
-            }
-            v
-        })
-        .collect();
-    json!({"id": d.id, "title": d.title, "metadata": d.metadata, "chunks": chunks})
 }
 
 fn export(ctl: &mut Ctl, p: &Map<String, Value>) -> Result<Value> {

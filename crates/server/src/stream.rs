@@ -21,7 +21,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use quiver_engine::input::{DocumentInput, SearchInput};
+use quiver_engine::input::{export_line, DocumentInput, SearchInput};
 use quiver_engine::{EngineError, ItemOutcome, WriteCtx};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -500,21 +500,6 @@ pub async fn export(
     resp.headers_mut()
         .insert(crate::routes::SEQ_HEADER, HeaderValue::from(seq));
     Ok(resp)
-}
-
-fn export_line(d: &quiver_model::Document, include_embeddings: bool) -> Value {
-    let chunks: Vec<Value> = d
-        .chunks
-        .iter()
-        .map(|c| {
-            let mut v = json!({"id": c.id, "text": c.text, "metadata": c.metadata});
-            if include_embeddings {
-                v["embedding_b64"] = json!(quiver_engine::input::B64Vector::encode(&c.embedding));
-            }
-            v
-        })
-        .collect();
-    json!({"id": d.id, "title": d.title, "metadata": d.metadata, "chunks": chunks})
 }
 
 /// Search results as NDJSON lines in rank order (k up to [`STREAM_K_LIMIT`]), then a summary.
