@@ -11,6 +11,9 @@
 //!
 //! Usage: `flat_bench --base FILE --queries FILE --dimension N [--k N] [--metric dot|cosine|l2]`
 
+mod common;
+
+use common::read_le;
 use quiver_index::{kernels, FlatIndex, Metric};
 use std::time::Instant;
 
@@ -64,12 +67,9 @@ fn parse_arguments() -> Arguments {
 
 /// Reads a file of little-endian f32 rows of `dimension` components.
 fn read_rows(path: &str, dimension: usize) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-    assert_eq!(bytes.len() % (4 * dimension), 0, "{path}: not whole rows");
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    let rows = read_le(path, f32::from_le_bytes);
+    assert_eq!(rows.len() % dimension, 0, "{path}: not whole rows");
+    rows
 }
 
 fn percentile_ms(sorted_ms: &[f64], fraction: f64) -> f64 {

@@ -20,6 +20,9 @@
 //!         [--k 10] [--m 16] [--ef-construction 200] [--int8 OVERSAMPLING] [--no-rescore]
 //!         [--graph FILE]`
 
+mod common;
+
+use common::read_le;
 use quiver_index::{HnswIndex, HnswParams, Metric, Quantization, VectorSource};
 use std::io::{BufRead, Write};
 use std::time::Instant;
@@ -34,22 +37,6 @@ impl VectorSource for Rows {
         let start = (id as usize).checked_mul(self.dimension)?;
         self.data.get(start..start + self.dimension)
     }
-}
-
-fn read_f32(path: &str) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
-fn read_u32(path: &str) -> Vec<u32> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-    bytes
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
 }
 
 /// Asserts a loaded index answers a probe exactly as the built one.
@@ -99,11 +86,11 @@ fn main() {
     };
 
     let base = Rows {
-        data: read_f32(&required("--base")),
+        data: read_le(&required("--base"), f32::from_le_bytes),
         dimension,
     };
-    let queries = read_f32(&required("--queries"));
-    let truth = read_u32(&required("--truth"));
+    let queries = read_le(&required("--queries"), f32::from_le_bytes);
+    let truth = read_le(&required("--truth"), u32::from_le_bytes);
     let rows = base.data.len() / dimension;
     let query_count = queries.len() / dimension;
     let truth_k = truth.len() / query_count;

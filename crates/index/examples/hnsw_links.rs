@@ -20,16 +20,11 @@
 //!
 //! Usage: `hnsw_links --graph F [--base F --dimension N] [--centroids 1024]`
 
+mod common;
+
+use common::read_le;
 use quiver_index::{kernels, HnswIndex};
 use std::collections::VecDeque;
-
-fn read_f32(path: &str) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
 
 /// Bits of the Elias-γ code of `value ≥ 1`.
 fn gamma_bits(value: u64) -> u64 {
@@ -169,7 +164,7 @@ fn main() {
     if let (Some(base), Some(dimension)) = (get("--base"), get("--dimension")) {
         let dimension: usize = dimension.parse().expect("--dimension N");
         let centroids: usize = get("--centroids").map_or(1024, |c| c.parse().expect("N"));
-        let base = read_f32(&base);
+        let base = read_le(&base, f32::from_le_bytes);
         assert_eq!(
             base.len() / dimension,
             rows,
