@@ -369,23 +369,32 @@ impl Arena {
 
     fn set_links(&mut self, row: u32, links: &[u32]) {
         assert!(links.len() <= self.link_capacity, "Arena: too many links");
-        let bits = self.link_bits as usize;
-        let mask = (1u64 << bits) - 1;
-        let start = row as usize * self.block_words;
-        let block = &mut self.words[start..start + self.block_words];
-        let end = std::iter::repeat_n(mask as u32, self.link_capacity - links.len());
-        for (i, link) in links.iter().copied().chain(end).enumerate() {
-            assert!(
-                i >= links.len() || (link as u64) < mask,
-                "Arena: link {link} needs more than {bits} bits"
-            );
-            let bit = i * bits;
-            let (word, shift) = (bit / 32, bit % 32);
-            let pair = block[word] as u64 | (block[word + 1] as u64) << 32;
-            let pair = (pair & !(mask << shift)) | ((link as u64) << shift);
-            block[word] = pair as u32;
-            block[word + 1] = (pair >> 32) as u32;
+        let bits = self.link_bits;
+        let end = self.end_mark();
+        if let Some(&bad) = links.iter().find(|&&link| link >= end) {
+            panic!("Arena: link {bad} needs more than {bits} bits");
         }
+        // The list, then end marks to `2m`, packed low bits first into whole words; the
+        // unused high bits of the last word are ones, as in a new block.
+        let start = row as usize * self.block_words;
+        let words = &mut self.words[start..start + self.link_words];
+        let marks = std::iter::repeat_n(end, self.link_capacity - links.len());
+        let (mut pending, mut pending_bits, mut next) = (0u64, 0u32, 0usize);
+        for link in links.iter().copied().chain(marks) {
+            pending |= u64::from(link) << pending_bits;
+            pending_bits += bits;
+            if pending_bits >= 32 {
+                words[next] = pending as u32;
+                next += 1;
+                pending >>= 32;
+                pending_bits -= 32;
+            }
+        }
+        if pending_bits > 0 {
+            words[next] = pending as u32 | (u32::MAX << pending_bits);
+            next += 1;
+        }
+        debug_assert_eq!(next, self.link_words);
     }
 
     #[inline]
@@ -1733,18 +1742,16 @@ impl HnswIndex {
                 assert!(base + level * self.stride_upper() <= self.upper_links.len());
             }
             for l in 0..=level {
+                self.neighbours_into(row, l, &mut list);
                 let count = if l == 0 {
                     // A list ends at the first end mark; no slot after it holds a link.
                     let block = arena.block(row);
-                    let end = arena.end_mark();
-                    let count = (0..arena.link_capacity)
-                        .position(|i| arena.link(block, i) == end)
-                        .unwrap_or(arena.link_capacity);
                     assert!(
-                        (count..arena.link_capacity).all(|i| arena.link(block, i) == end),
+                        (list.len()..arena.link_capacity)
+                            .all(|i| arena.link(block, i) == arena.end_mark()),
                         "row {row}: a link after the end of its list"
                     );
-                    count
+                    list.len()
                 } else {
                     self.upper_links[self.upper_offset(row, l)] as usize
                 };
@@ -1752,7 +1759,6 @@ impl HnswIndex {
                     count <= self.max_neighbours(l),
                     "row {row} level {l}: too many links"
                 );
-                self.neighbours_into(row, l, &mut list);
                 for &n in &list {
                     assert!((n as usize) < slots, "row {row}: link {n} out of range");
                     assert!(
