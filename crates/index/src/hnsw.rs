@@ -52,8 +52,9 @@
 //!
 //! **Int8.** With [`Quantization::Int8`] the first [`TRAIN_ROWS`] rows are kept as `f32`;
 //! at that point the per-dimension quantizer ([`Sq8`]) is trained on them, every row is encoded
-//! and the floats are dropped. Traversal scores codes against the float query (asymmetric,
-//! one `u8 × f32` SIMD dot per row). With `rescore` and a [`VectorSource`], the best
+//! and the floats are dropped. Traversal scores codes against the float query (asymmetric:
+//! one `u8 × f32` SIMD dot per row, or for L2 the squared difference straight from the codes,
+//! so a row is its codes and nothing else). With `rescore` and a [`VectorSource`], the best
 //! `⌈k · oversampling⌉` candidates are re-ranked on the caller's original vectors; without a
 //! source (or for an id the source does not know) the int8 approximation is returned as is.
 //!
@@ -220,8 +221,8 @@ impl From<std::io::Error> for IndexFormatError {
 /// Level-0 storage, one fixed-size block of `u32` words per row (hnswlib's layout: scoring a
 /// node and later expanding it touch the same few cache lines):
 /// `[level-0 links, bit-packed: link_words][payload]`. The payload is the `f32` vector
-/// (`dimension` words) or, once int8 is trained, the codes (`⌈dimension / 4⌉` words) followed,
-/// for L2, by the decoded row's squared norm (one `f32` word). Links take `link_bits` bits
+/// (`dimension` words) or, once int8 is trained, the codes (`⌈dimension / 4⌉` words; L2
+/// distances come from the codes too, so no norm is kept). Links take `link_bits` bits
 /// each, the fewest that number every row the arena is laid out for (at least
 /// [`MIN_LINK_BITS`]); when rows outgrow them the arena is laid out again with one more bit,
 /// so a list of `2m` links costs `2m · ⌈log₂ (rows + 1)⌉` bits instead of `2m · 32`. A list
@@ -650,10 +651,10 @@ impl UpperOffsets {
     }
 }
 
-/// Payload words of one row: the float vector, or the codes plus (L2) the norm.
-fn payload_words_for(dimension: usize, metric: Metric, quantized: bool) -> usize {
+/// Payload words of one row: the float vector, or the codes.
+fn payload_words_for(dimension: usize, quantized: bool) -> usize {
     if quantized {
-        dimension.div_ceil(4) + usize::from(metric == Metric::L2)
+        dimension.div_ceil(4)
     } else {
         dimension
     }
@@ -690,12 +691,11 @@ pub struct HnswIndex {
 }
 
 /// A query as the distance function wants it: the (normalised) float query, or for int8
-/// codes the prepared query with its constant term and squared norm; and the kernel backend,
-/// chosen once per query.
+/// codes the prepared query (`q ⊙ scale` and its constant term for Cosine and Dot, `q − min`
+/// for L2); and the kernel backend, chosen once per query.
 struct Probe<'a> {
     vector: &'a [f32],
     constant: f32,
-    norm_squared: f32,
     backend: Backend,
 }
 
@@ -805,7 +805,7 @@ impl HnswIndex {
             arena: Arena::new(
                 MIN_LINK_BITS,
                 2 * params.m,
-                payload_words_for(dimension, metric, false),
+                payload_words_for(dimension, false),
             ),
             ids: RowIds::default(),
             live: Vec::new(),
@@ -995,14 +995,12 @@ impl HnswIndex {
                     -kernels::dot_with(probe.backend, probe.vector, vector)
                 }
             }
-            Some(_) => {
+            Some(quantizer) => {
                 let codes = &as_bytes(payload)[..self.dimension];
-                let dot = probe.constant + sq8::dot_code_with(probe.backend, probe.vector, codes);
                 if self.metric == Metric::L2 {
-                    let norm_squared = f32::from_bits(payload[payload.len() - 1]);
-                    (probe.norm_squared - 2.0 * dot + norm_squared).max(0.0)
+                    sq8::l2_code_with(probe.backend, probe.vector, quantizer.scale(), codes)
                 } else {
-                    -dot
+                    -(probe.constant + sq8::dot_code_with(probe.backend, probe.vector, codes))
                 }
             }
         }
@@ -1051,16 +1049,23 @@ impl HnswIndex {
             None => Probe {
                 vector,
                 constant: 0.0,
-                norm_squared: 0.0,
                 backend,
             },
+            Some(quantizer) if self.metric == Metric::L2 => {
+                quantizer.prepare_l2(vector, buffer);
+                let buffer: &'a Vec<f32> = buffer;
+                Probe {
+                    vector: buffer,
+                    constant: 0.0,
+                    backend,
+                }
+            }
             Some(quantizer) => {
                 let constant = quantizer.prepare(vector, buffer);
                 let buffer: &'a Vec<f32> = buffer;
                 Probe {
                     vector: buffer,
                     constant,
-                    norm_squared: kernels::dot(vector, vector),
                     backend,
                 }
             }
@@ -1079,7 +1084,6 @@ impl HnswIndex {
             None => Probe {
                 vector: as_floats(payload),
                 constant: 0.0,
-                norm_squared: 0.0,
                 backend: kernels::backend(),
             },
             Some(quantizer) => {
@@ -1205,7 +1209,7 @@ impl HnswIndex {
     /// The arena payload for `vector` in the current storage mode.
     fn payload_of(&self, vector: &[f32]) -> Vec<u32> {
         let mut payload = vec![0u32; self.arena.payload_words];
-        encode_payload(self.metric, self.quantizer.as_ref(), vector, &mut payload);
+        encode_payload(self.quantizer.as_ref(), vector, &mut payload);
         payload
     }
 
@@ -1229,12 +1233,11 @@ impl HnswIndex {
         );
         // Keep the capacity the caller reserved (in rows) for the codes.
         let capacity = self.ids.capacity();
-        let metric = self.metric;
         self.relay(
             self.arena.link_bits,
-            payload_words_for(d, metric, true),
+            payload_words_for(d, true),
             capacity,
-            |old, new| encode_payload(metric, Some(&quantizer), as_floats(old), new),
+            |old, new| encode_payload(Some(&quantizer), as_floats(old), new),
         );
         self.quantizer = Some(quantizer);
     }
@@ -1698,7 +1701,7 @@ impl HnswIndex {
         );
         assert_eq!(
             arena.payload_words,
-            payload_words_for(self.dimension, self.metric, self.quantizer.is_some())
+            payload_words_for(self.dimension, self.quantizer.is_some())
         );
         match &self.quantizer {
             None => {
@@ -1846,9 +1849,14 @@ impl HnswIndex {
                     e.bytes(&as_bytes(self.arena.payload(row))[..self.dimension])?;
                 }
                 if self.metric == Metric::L2 {
+                    // Format 2 stores each L2 row's decoded squared norm. The index no longer
+                    // keeps it (distances come from the codes, see `sq8::l2_code`), so it is
+                    // recomputed here and ignored, after validation, on read.
+                    let mut decoded = vec![0.0; self.dimension];
                     for row in rows.clone() {
-                        let payload = self.arena.payload(row);
-                        e.f32s(&[f32::from_bits(payload[payload.len() - 1])])?;
+                        let codes = &as_bytes(self.arena.payload(row))[..self.dimension];
+                        quantizer.decode(codes, &mut decoded);
+                        e.f32s(&[kernels::dot(&decoded, &decoded)])?;
                     }
                 }
             }
@@ -1985,11 +1993,8 @@ impl HnswIndex {
                     return Err("int8 index holding floats after training".into());
                 }
                 let vectors = d.sized(components, 4)?;
-                let mut arena = Arena::new(
-                    link_bits,
-                    2 * params.m,
-                    payload_words_for(dimension, metric, false),
-                );
+                let mut arena =
+                    Arena::new(link_bits, 2 * params.m, payload_words_for(dimension, false));
                 arena.reserve_words(slots * arena.block_words);
                 for (row, vector) in vectors.chunks_exact(dimension * 4).enumerate() {
                     arena.push_row();
@@ -2027,20 +2032,13 @@ impl HnswIndex {
                 if !norms.iter().all(|x| x.is_finite()) {
                     return Err("non-finite norm".into());
                 }
-                let mut arena = Arena::new(
-                    link_bits,
-                    2 * params.m,
-                    payload_words_for(dimension, metric, true),
-                );
+                let mut arena =
+                    Arena::new(link_bits, 2 * params.m, payload_words_for(dimension, true));
                 arena.reserve_words(slots * arena.block_words);
                 let code_words = dimension.div_ceil(4);
                 for (row, code) in codes.chunks_exact(dimension).enumerate() {
                     arena.push_row();
-                    let payload = arena.payload_mut(row as u32);
-                    pack_bytes(code, &mut payload[..code_words]);
-                    if let Some(norm) = norms.get(row) {
-                        payload[code_words] = norm.to_bits();
-                    }
+                    pack_bytes(code, &mut arena.payload_mut(row as u32)[..code_words]);
                 }
                 index.arena = arena;
                 index.quantizer = Some(Sq8 { min, scale });
@@ -2141,9 +2139,8 @@ impl HnswIndex {
     }
 }
 
-/// Writes `vector` as an arena payload: its `f32` bits, or (with a quantizer) its codes
-/// followed, for L2, by the decoded row's squared norm.
-fn encode_payload(metric: Metric, quantizer: Option<&Sq8>, vector: &[f32], payload: &mut [u32]) {
+/// Writes `vector` as an arena payload: its `f32` bits, or (with a quantizer) its codes.
+fn encode_payload(quantizer: Option<&Sq8>, vector: &[f32], payload: &mut [u32]) {
     match quantizer {
         None => {
             debug_assert_eq!(payload.len(), vector.len());
@@ -2155,13 +2152,7 @@ fn encode_payload(metric: Metric, quantizer: Option<&Sq8>, vector: &[f32], paylo
             let d = vector.len();
             let mut codes = vec![0u8; d];
             quantizer.encode(vector, &mut codes);
-            let code_words = d.div_ceil(4);
-            pack_bytes(&codes, &mut payload[..code_words]);
-            if metric == Metric::L2 {
-                let mut decoded = vec![0.0; d];
-                quantizer.decode(&codes, &mut decoded);
-                payload[code_words] = kernels::dot(&decoded, &decoded).to_bits();
-            }
+            pack_bytes(&codes, payload);
         }
     }
 }

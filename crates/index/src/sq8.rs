@@ -1,11 +1,13 @@
-//! [`Sq8`]: per-dimension int8 scalar quantization and its asymmetric distance kernel.
+//! [`Sq8`]: per-dimension int8 scalar quantization and its asymmetric distance kernels.
 //!
 //! This module owns the mapping between an `f32` vector and its one-byte-per-component code
 //! (`x[d] ≈ min[d] + scale[d] · code[d]`, `code ∈ 0..=255`), the training of `min`/`scale`
-//! from sample rows, and the kernel that ranks codes against a float query without decoding
-//! them: a query is *prepared* once (`q'[d] = q[d] · scale[d]`, `constant = q · min`), after
-//! which `q · x̂ = constant + Σ q'[d] · code[d]` — one `u8 × f32` dot product per row (AVX2:
-//! bytes widened to `i32`, converted to `f32`, FMA; portable code otherwise).
+//! from sample rows, and the kernels that rank codes against a float query without decoding
+//! them. For dot products a query is *prepared* once (`q'[d] = q[d] · scale[d]`,
+//! `constant = q · min`), after which `q · x̂ = constant + Σ q'[d] · code[d]` — one `u8 × f32`
+//! dot product per row (AVX2: bytes widened to `i32`, converted to `f32`, FMA; portable code
+//! otherwise). For L2 it is prepared as `r = q − min`, and `‖q − x̂‖² = Σ (r[d] − scale[d] ·
+//! code[d])²` — two FMAs per component, and no per-row norm to store.
 //!
 //! It must never allocate on the distance path, never produce a non-finite parameter (a
 //! dimension whose training values are all equal gets `scale = 0` and code 0, decoding to the
@@ -113,6 +115,19 @@ impl Sq8 {
         kernels::dot(query, &self.min)
     }
 
+    /// Prepares `query` for [`l2_code`]: fills `prepared` with `q − min`, so that
+    /// `‖q − decode(code)‖² = l2_code(prepared, scale, code)` with no per-row norm stored.
+    pub fn prepare_l2(&self, query: &[f32], prepared: &mut Vec<f32>) {
+        assert_eq!(query.len(), self.dimension(), "Sq8::prepare_l2: dimension");
+        prepared.clear();
+        prepared.extend(query.iter().zip(&self.min).map(|(q, m)| q - m));
+    }
+
+    /// The step of one code unit per dimension (the `scale` that [`l2_code`] takes).
+    pub fn scale(&self) -> &[f32] {
+        &self.scale
+    }
+
     /// Checks that every parameter is finite and every scale non-negative.
     pub fn assert_invariants(&self) {
         assert_eq!(self.min.len(), self.scale.len());
@@ -146,6 +161,51 @@ pub(crate) fn dot_code_with(backend: Backend, prepared: &[f32], code: &[u8]) -> 
         Backend::Avx512 => unsafe { avx512::dot_code(prepared, code) },
         _ => portable_dot_code(prepared, code),
     }
+}
+
+/// `Σ (prepared[d] − scale[d] · code[d])²`: the squared L2 distance from a query prepared by
+/// [`Sq8::prepare_l2`] to the decoded code. Panics if the lengths differ.
+#[inline]
+pub fn l2_code(prepared: &[f32], scale: &[f32], code: &[u8]) -> f32 {
+    assert_eq!(prepared.len(), code.len(), "l2_code: length mismatch");
+    assert_eq!(scale.len(), code.len(), "l2_code: length mismatch");
+    l2_code_with(kernels::backend(), prepared, scale, code)
+}
+
+/// [`l2_code`] on a chosen backend (one the CPU has: see [`Backend::available`]).
+#[inline]
+pub(crate) fn l2_code_with(backend: Backend, prepared: &[f32], scale: &[f32], code: &[u8]) -> f32 {
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: both are only reported after the CPU said it has AVX2 and FMA (`Avx512`
+        // additionally AVX-512F; see `kernels::detect`), which is all the AVX2 kernel needs.
+        Backend::Avx2Fma | Backend::Avx512 => unsafe { avx2::l2_code(prepared, scale, code) },
+        _ => portable_l2_code(prepared, scale, code),
+    }
+}
+
+/// Plain-Rust [`l2_code`] with eight independent accumulators.
+#[inline]
+pub(crate) fn portable_l2_code(prepared: &[f32], scale: &[f32], code: &[u8]) -> f32 {
+    assert!(prepared.len() == code.len() && scale.len() == code.len());
+    let mut acc = [0.0f32; 8];
+    let mut chunks = prepared
+        .chunks_exact(8)
+        .zip(scale.chunks_exact(8))
+        .zip(code.chunks_exact(8));
+    for ((p, s), c) in &mut chunks {
+        for i in 0..8 {
+            let d = p[i] - s[i] * c[i] as f32;
+            acc[i] += d * d;
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    let done = code.len() / 8 * 8;
+    for i in done..code.len() {
+        let d = prepared[i] - scale[i] * code[i] as f32;
+        sum += d * d;
+    }
+    sum
 }
 
 /// Plain-Rust `u8 × f32` dot with eight independent accumulators.
@@ -213,6 +273,60 @@ mod avx2 {
         let mut sum = _mm_cvtss_f32(s);
         while i < n {
             sum += *pp.add(i) * *pc.add(i) as f32;
+            i += 1;
+        }
+        sum
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA. Lengths are asserted before any load.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn l2_code(prepared: &[f32], scale: &[f32], code: &[u8]) -> f32 {
+        assert!(prepared.len() == code.len() && scale.len() == code.len());
+        let n = code.len();
+        let (pp, ps, pc) = (prepared.as_ptr(), scale.as_ptr(), code.as_ptr());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut acc2 = _mm256_setzero_ps();
+        let mut acc3 = _mm256_setzero_ps();
+        let mut i = 0;
+        // One lane group: d = p − s·c, acc += d² (two dependent FMAs, so four accumulators
+        // keep the chains short). A macro: closures do not inherit `target_feature`.
+        macro_rules! step {
+            ($offset:expr, $acc:ident) => {
+                let codes = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    pc.add($offset) as *const __m128i,
+                )));
+                let d = _mm256_fnmadd_ps(
+                    _mm256_loadu_ps(ps.add($offset)),
+                    codes,
+                    _mm256_loadu_ps(pp.add($offset)),
+                );
+                $acc = _mm256_fmadd_ps(d, d, $acc);
+            };
+        }
+        while i + 32 <= n {
+            step!(i, acc0);
+            step!(i + 8, acc1);
+            step!(i + 16, acc2);
+            step!(i + 24, acc3);
+            i += 32;
+        }
+        while i + 8 <= n {
+            step!(i, acc0);
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        let mut sum = _mm_cvtss_f32(s);
+        while i < n {
+            let d = *pp.add(i) - *ps.add(i) * *pc.add(i) as f32;
+            sum += d * d;
             i += 1;
         }
         sum
@@ -327,6 +441,40 @@ mod tests {
                     (dispatched as f64 - want).abs() < 1e-3,
                     "{dispatched} vs {want}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn prepared_l2_matches_decoded_l2_on_every_backend() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for dimension in [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 128, 385] {
+            let rows: Vec<Vec<f32>> = (0..50)
+                .map(|_| (0..dimension).map(|_| rng.gen_range(0.0..60.0)).collect())
+                .collect();
+            let sq8 = Sq8::train(dimension, rows.iter().map(|r| &r[..]), None);
+            let query: Vec<f32> = (0..dimension).map(|_| rng.gen_range(-5.0..70.0)).collect();
+            let mut prepared = Vec::new();
+            sq8.prepare_l2(&query, &mut prepared);
+            let mut code = vec![0u8; dimension];
+            let mut decoded = vec![0f32; dimension];
+            for row in &rows {
+                sq8.encode(row, &mut code);
+                sq8.decode(&code, &mut decoded);
+                let want: f64 = query
+                    .iter()
+                    .zip(&decoded)
+                    .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                    .sum();
+                let close = |got: f32| (got as f64 - want).abs() <= 1e-4 * want.max(1.0);
+                let portable = portable_l2_code(&prepared, sq8.scale(), &code);
+                assert!(close(portable), "portable: {portable} vs {want}");
+                let dispatched = l2_code(&prepared, sq8.scale(), &code);
+                assert!(close(dispatched), "dispatched: {dispatched} vs {want}");
+                for backend in Backend::available() {
+                    let got = l2_code_with(backend, &prepared, sq8.scale(), &code);
+                    assert!(close(got), "{backend:?}: {got} vs {want}");
+                }
             }
         }
     }
