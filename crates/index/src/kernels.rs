@@ -215,10 +215,10 @@ pub(crate) mod portable {
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Horizontal sum of the eight lanes.
+    /// Horizontal sum of the eight lanes (also the reduction of `sq8`'s code kernels).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
         let s = _mm_add_ps(lo, hi); // 4 lanes

@@ -230,6 +230,7 @@ pub(crate) fn portable_dot_code(prepared: &[f32], code: &[u8]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use crate::kernels::avx2::hsum;
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -265,12 +266,7 @@ mod avx2 {
             i += 8;
         }
         let v = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        let mut sum = _mm_cvtss_f32(s);
+        let mut sum = hsum(v);
         while i < n {
             sum += *pp.add(i) * *pc.add(i) as f32;
             i += 1;
@@ -318,12 +314,7 @@ mod avx2 {
             i += 8;
         }
         let v = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        let mut sum = _mm_cvtss_f32(s);
+        let mut sum = hsum(v);
         while i < n {
             let d = *pp.add(i) - *ps.add(i) * *pc.add(i) as f32;
             sum += d * d;
@@ -403,80 +394,97 @@ mod tests {
         }
     }
 
-    #[test]
-    fn prepared_dot_matches_decoded_dot_on_every_backend() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-        for dimension in [1, 7, 8, 9, 31, 32, 33, 100, 384, 385] {
-            let rows: Vec<Vec<f32>> = (0..50)
-                .map(|_| (0..dimension).map(|_| rng.gen_range(-1.0..1.0)).collect())
+    /// For each dimension: a quantizer trained on 50 rows drawn from `rows`, a query drawn
+    /// from `queries`, and every row's code with its decoded vector, handed to `check`.
+    fn for_each_coded_row(
+        seed: u64,
+        dimensions: &[usize],
+        rows: std::ops::Range<f32>,
+        queries: std::ops::Range<f32>,
+        bound: Option<f32>,
+        mut check: impl FnMut(&Sq8, &[f32], &[u8], &[f32]),
+    ) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for &dimension in dimensions {
+            let sample: Vec<Vec<f32>> = (0..50)
+                .map(|_| {
+                    (0..dimension)
+                        .map(|_| rng.gen_range(rows.clone()))
+                        .collect()
+                })
                 .collect();
-            let sq8 = Sq8::train(dimension, rows.iter().map(|r| &r[..]), Some(1.0));
-            let query: Vec<f32> = (0..dimension).map(|_| rng.gen_range(-1.0..1.0)).collect();
-            let mut prepared = Vec::new();
-            let constant = sq8.prepare(&query, &mut prepared);
+            let sq8 = Sq8::train(dimension, sample.iter().map(|r| &r[..]), bound);
+            let query: Vec<f32> = (0..dimension)
+                .map(|_| rng.gen_range(queries.clone()))
+                .collect();
             let mut code = vec![0u8; dimension];
             let mut decoded = vec![0f32; dimension];
-            for row in &rows {
+            for row in &sample {
                 sq8.encode(row, &mut code);
                 sq8.decode(&code, &mut decoded);
-                let want: f64 = query
-                    .iter()
-                    .zip(&decoded)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum();
-                let portable = constant + portable_dot_code(&prepared, &code);
-                let dispatched = constant + dot_code(&prepared, &code);
-                assert!(
-                    (portable as f64 - want).abs() < 1e-3,
-                    "{portable} vs {want}"
-                );
-                for backend in Backend::available() {
-                    let got = constant + dot_code_with(backend, &prepared, &code);
-                    assert!(
-                        (got as f64 - want).abs() < 1e-3,
-                        "{backend:?}: {got} vs {want}"
-                    );
-                }
-                assert!(
-                    (dispatched as f64 - want).abs() < 1e-3,
-                    "{dispatched} vs {want}"
-                );
+                check(&sq8, &query, &code, &decoded);
             }
         }
     }
 
     #[test]
-    fn prepared_l2_matches_decoded_l2_on_every_backend() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for dimension in [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 128, 385] {
-            let rows: Vec<Vec<f32>> = (0..50)
-                .map(|_| (0..dimension).map(|_| rng.gen_range(0.0..60.0)).collect())
-                .collect();
-            let sq8 = Sq8::train(dimension, rows.iter().map(|r| &r[..]), None);
-            let query: Vec<f32> = (0..dimension).map(|_| rng.gen_range(-5.0..70.0)).collect();
-            let mut prepared = Vec::new();
-            sq8.prepare_l2(&query, &mut prepared);
-            let mut code = vec![0u8; dimension];
-            let mut decoded = vec![0f32; dimension];
-            for row in &rows {
-                sq8.encode(row, &mut code);
-                sq8.decode(&code, &mut decoded);
+    fn prepared_dot_matches_decoded_dot_on_every_backend() {
+        let dimensions = [1, 7, 8, 9, 31, 32, 33, 100, 384, 385];
+        let mut prepared = Vec::new();
+        for_each_coded_row(
+            4,
+            &dimensions,
+            -1.0..1.0,
+            -1.0..1.0,
+            Some(1.0),
+            |sq8, query, code, decoded| {
+                let constant = sq8.prepare(query, &mut prepared);
                 let want: f64 = query
                     .iter()
-                    .zip(&decoded)
+                    .zip(decoded)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                let close = |got: f32| (got as f64 - want).abs() < 1e-3;
+                let portable = constant + portable_dot_code(&prepared, code);
+                assert!(close(portable), "portable: {portable} vs {want}");
+                let dispatched = constant + dot_code(&prepared, code);
+                assert!(close(dispatched), "dispatched: {dispatched} vs {want}");
+                for backend in Backend::available() {
+                    let got = constant + dot_code_with(backend, &prepared, code);
+                    assert!(close(got), "{backend:?}: {got} vs {want}");
+                }
+            },
+        );
+    }
+
+    #[test]
+    fn prepared_l2_matches_decoded_l2_on_every_backend() {
+        let dimensions = [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 128, 385];
+        let mut prepared = Vec::new();
+        for_each_coded_row(
+            5,
+            &dimensions,
+            0.0..60.0,
+            -5.0..70.0,
+            None,
+            |sq8, query, code, decoded| {
+                sq8.prepare_l2(query, &mut prepared);
+                let want: f64 = query
+                    .iter()
+                    .zip(decoded)
                     .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
                     .sum();
                 let close = |got: f32| (got as f64 - want).abs() <= 1e-4 * want.max(1.0);
-                let portable = portable_l2_code(&prepared, sq8.scale(), &code);
+                let portable = portable_l2_code(&prepared, sq8.scale(), code);
                 assert!(close(portable), "portable: {portable} vs {want}");
-                let dispatched = l2_code(&prepared, sq8.scale(), &code);
+                let dispatched = l2_code(&prepared, sq8.scale(), code);
                 assert!(close(dispatched), "dispatched: {dispatched} vs {want}");
                 for backend in Backend::available() {
-                    let got = l2_code_with(backend, &prepared, sq8.scale(), &code);
+                    let got = l2_code_with(backend, &prepared, sq8.scale(), code);
                     assert!(close(got), "{backend:?}: {got} vs {want}");
                 }
-            }
-        }
+            },
+        );
     }
 
     #[test]
