@@ -6,7 +6,8 @@
 # Uses the virtualenv at $BENCH_VENV (default bench/.venv); creates it with numpy, hnswlib and
 # faiss-cpu (PyPI) if it is missing or lacks them, builds the Rust
 # example in release mode, generates the dataset once under bench/data/ (gitignored), then
-# runs every engine in one process run. Honours CARGO_TARGET_DIR.
+# runs every engine in one process run. Honours CARGO_TARGET_DIR. A quiver engine may name its
+# level-0 degree, e.g. `--engines quiver,hnswlib,quiver-int8,quiver-int8/m0=16` (default 2m).
 #
 # HNSW_BASELINE=<git revision> also builds that revision's hnsw_bench (in a worktree under
 # the target dir) and passes it as --baseline-binary, for the engines quiver-baseline and

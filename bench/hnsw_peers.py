@@ -147,7 +147,7 @@ def build_faiss(base, queries, truth, metric, args):
 class Quiver:
     """The Rust example as a child process: it builds, reports, then serves `ef N` passes."""
 
-    def __init__(self, paths, dimension, metric, args, int8=None, baseline=False):
+    def __init__(self, paths, dimension, metric, args, int8=None, baseline=False, m0=None):
         binary = args.baseline_binary if baseline else args.binary
         command = [binary, "--base", paths["base.f32"], "--queries", paths["queries.f32"],
                    "--truth", paths["truth.u32"], "--dimension", str(dimension), "--metric",
@@ -155,11 +155,14 @@ class Quiver:
                    str(args.ef_construction)]
         if int8 is not None:
             command += ["--int8", str(int8)]
+        if m0 is not None:
+            command += ["--m0", str(m0)]
         if args.graph_file:
             # Written after the build and read back from disk (timed, fully validated); a
             # stale file would skip the build, so it goes first.
+            name = "graph-int8" if int8 is not None else "graph"
             path = os.path.join(args.data_dir, args.dataset,
-                                "graph-int8.bin" if int8 is not None else "graph.bin")
+                                name + (f"-m0-{m0}" if m0 is not None else "") + ".bin")
             if baseline:
                 # A baseline build reads the graph the current build just wrote (the format
                 # is the same), so the two differ only in code, not in the graph searched.
@@ -180,6 +183,7 @@ class Quiver:
         self.result = json.loads(line)
         self.result["engine"] = "quiver HnswIndex" + (
             f" int8 (rescore, oversampling {int8})" if int8 else "") + (
+            f" m0={m0}" if m0 is not None else "") + (
             " (baseline build)" if baseline else "")
 
     def run(self, ef):
@@ -213,7 +217,9 @@ def main():
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ef", default="10,16,24,32,48,64,96,128,192,256,384,512,768")
-    parser.add_argument("--engines", default="quiver,hnswlib,faiss,quiver-int8")
+    parser.add_argument("--engines", default="quiver,hnswlib,faiss,quiver-int8",
+                        help="comma-separated; a quiver engine may end in /m0=N, its level-0 "
+                             "degree (default 2m), e.g. quiver-int8/m0=16")
     parser.add_argument("--oversampling", type=float, default=3.0)
     parser.add_argument("--graph-file", action="store_true",
                         help="quiver: save the graph to a file and time reading it back")
@@ -239,17 +245,22 @@ def main():
 
     # Builds one after another (each alone on the machine, as far as this script goes) ...
     engines = []
-    for engine in args.engines.split(","):
-        print(f"building {engine} on {args.dataset} ...", file=sys.stderr, flush=True)
+    for spec in args.engines.split(","):
+        print(f"building {spec} on {args.dataset} ...", file=sys.stderr, flush=True)
+        # A quiver engine may name its level-0 degree: `quiver-int8/m0=16` (default 2m).
+        engine, _, option = spec.partition("/m0=")
+        m0 = int(option) if option else None
+        if m0 is not None and not engine.startswith("quiver"):
+            raise SystemExit(f"{spec}: /m0= is for quiver engines")
         if engine == "quiver":
-            engines.append(Quiver(paths, dimension, metric, args))
+            engines.append(Quiver(paths, dimension, metric, args, m0=m0))
         elif engine == "quiver-int8":
-            engines.append(Quiver(paths, dimension, metric, args, args.oversampling))
+            engines.append(Quiver(paths, dimension, metric, args, args.oversampling, m0=m0))
         elif engine in ("quiver-baseline", "quiver-int8-baseline"):
             if not args.baseline_binary:
                 raise SystemExit(f"{engine} needs --baseline-binary")
             int8 = args.oversampling if engine == "quiver-int8-baseline" else None
-            engines.append(Quiver(paths, dimension, metric, args, int8, baseline=True))
+            engines.append(Quiver(paths, dimension, metric, args, int8, baseline=True, m0=m0))
         elif engine == "hnswlib":
             engines.append(build_hnswlib(base, queries, truth, metric, args))
         elif engine == "faiss":

@@ -183,6 +183,51 @@ fn libraries_create_list_show_delete() {
     assert_eq!(created["metric"], "l2");
     let other_id = created["id"].as_str().expect("id").to_string();
 
+    // The HNSW flags reach the library; an m0 outside m..=2m is the server's error.
+    let hnsw = s.json(
+        &[
+            "libraries",
+            "create",
+            "approx",
+            "--dimension",
+            "8",
+            "--index",
+            "hnsw",
+            "--m",
+            "12",
+            "--m0",
+            "12",
+            "--ef-search",
+            "80",
+            "--int8",
+        ],
+        0,
+    );
+    assert_eq!(hnsw["index_type"], "hnsw");
+    assert_eq!(
+        hnsw["index_params"],
+        json!({"m": 12, "m0": 12, "ef_construction": 200, "ef_search": 80})
+    );
+    assert_eq!(hnsw["quantization"]["type"], "int8");
+    let out = s.run(&[
+        "libraries",
+        "create",
+        "bad",
+        "--dimension",
+        "8",
+        "--index",
+        "hnsw",
+        "--m0",
+        "40",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("(invalid_index_params)") && stderr(&out).contains("m0"),
+        "{}",
+        stderr(&out)
+    );
+    s.ok(&["libraries", "delete", "approx"], 0);
+
     let list = s.ok(&["libraries", "list"], 0);
     let mut lines = list.lines();
     let header = lines.next().expect("header");

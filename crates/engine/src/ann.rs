@@ -28,9 +28,17 @@ pub(crate) const JOURNAL_OPS_LIMIT: usize = 4_000_000;
 pub(crate) fn params_of(c: &HnswConfig) -> HnswParams {
     HnswParams {
         m: c.m as usize,
+        m0: c.level0_degree() as usize,
         ef_construction: c.ef_construction as usize,
         ef_search: c.ef_search as usize,
     }
+}
+
+/// Whether `graph` was built for `c`: same shape (`m`, `m0`, `ef_construction`,
+/// `ef_search`) and same quantization. A graph file that does not fit its library's
+/// configuration is rebuilt rather than served under parameters it was not built with.
+pub(crate) fn fits(c: &HnswConfig, graph: &HnswIndex) -> bool {
+    graph.params() == params_of(c) && graph.quantization() == quantization_of(c)
 }
 
 fn quantization_of(c: &HnswConfig) -> quiver_index::Quantization {

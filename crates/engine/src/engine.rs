@@ -2359,6 +2359,7 @@ pub(crate) fn parse_index_config(
         IndexType::Hnsw(mut c) => {
             if let Some(p) = params {
                 c.m = p.m.unwrap_or(c.m);
+                c.m0 = p.m0.or(c.m0);
                 c.ef_construction = p.ef_construction.unwrap_or(c.ef_construction);
                 c.ef_search = p.ef_search.unwrap_or(c.ef_search);
             }

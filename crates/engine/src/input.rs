@@ -76,7 +76,8 @@ pub struct CreateLibrary {
     #[serde(default)]
     pub description: String,
     pub index_type: Option<String>,
-    /// HNSW parameters (`m`, `ef_construction`, `ef_search`); only with `index_type: "hnsw"`.
+    /// HNSW parameters (`m`, `m0`, `ef_construction`, `ef_search`); only with
+    /// `index_type: "hnsw"`.
     pub index_params: Option<IndexParamsInput>,
     /// `{type: "int8", rescore?, oversampling?}`; only with `index_type: "hnsw"`.
     pub quantization: Option<QuantizationInput>,
@@ -90,6 +91,8 @@ pub struct CreateLibrary {
 #[serde(deny_unknown_fields)]
 pub struct IndexParamsInput {
     pub m: Option<u32>,
+    /// Bottom-layer degree; absent means 2·m.
+    pub m0: Option<u32>,
     pub ef_construction: Option<u32>,
     pub ef_search: Option<u32>,
 }

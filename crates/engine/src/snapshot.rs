@@ -125,16 +125,22 @@ fn attach_graphs(
         match loaded {
             Ok(graph)
                 if graph.len() == st.num_chunks
-                    && graph.dimension() == st.library.dimension as usize =>
+                    && graph.dimension() == st.library.dimension as usize
+                    && ann::fits(&config, &graph) =>
             {
                 st.ann = AnnSlot::Ready(Box::new(Ann::from_index(config, graph)));
             }
             Ok(graph) => {
                 tracing::warn!(
-                    "graph {} holds {} vectors, the library {}; rebuilding it",
+                    "graph {} holds {} vectors of {} dimensions, built with {:?} {:?}; the \
+                     library has {} of {} with {config:?}; rebuilding it",
                     path.display(),
                     graph.len(),
-                    st.num_chunks
+                    graph.dimension(),
+                    graph.params(),
+                    graph.quantization(),
+                    st.num_chunks,
+                    st.library.dimension
                 );
                 ann::start_rebuild(shard, &mut st.ann, config);
             }

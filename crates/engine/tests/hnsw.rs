@@ -3,7 +3,9 @@
 //! rebuilt), a missing graph file is rebuilt in the background while searches stay correct,
 //! and switching a library's index keeps searches answering throughout.
 
-use quiver_engine::input::{ChunkInput, CreateLibrary, DocumentInput, IndexChange, SearchInput};
+use quiver_engine::input::{
+    ChunkInput, CreateLibrary, DocumentInput, IndexChange, IndexParamsInput, SearchInput,
+};
 use quiver_engine::{Engine, EngineConfig, WriteCtx};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -29,6 +31,15 @@ fn vectors(seed: u64, n: usize) -> Vec<Vec<f32>> {
 }
 
 fn create(engine: &Engine, name: &str, index: Option<&str>) -> String {
+    create_with(engine, name, index, None)
+}
+
+fn create_with(
+    engine: &Engine,
+    name: &str,
+    index: Option<&str>,
+    index_params: Option<IndexParamsInput>,
+) -> String {
     engine
         .create_library(
             &WriteCtx::default(),
@@ -37,6 +48,7 @@ fn create(engine: &Engine, name: &str, index: Option<&str>) -> String {
                 dimension: Some(DIM as u64),
                 metric: Some("l2".into()),
                 index_type: index.map(str::to_string),
+                index_params,
                 ..Default::default()
             },
         )
@@ -131,7 +143,22 @@ fn hnsw_library_searches_filters_deletes_and_survives_restart() {
     let data = vectors(7, DOCS);
     let queries = vectors(8, 50);
     let engine = Engine::open(EngineConfig::new(dir.path())).expect("open");
-    let approx = create(&engine, "approx", Some("hnsw"));
+    // A bottom layer of 20 links rather than 2·m = 32: the library record and the graph file
+    // carry m0 (index-type code 2, graph format 3) through the restart below.
+    let approx = create_with(
+        &engine,
+        "approx",
+        Some("hnsw"),
+        Some(IndexParamsInput {
+            m0: Some(20),
+            ..Default::default()
+        }),
+    );
+    let m0_of = |engine: &Engine| match engine.index_status(&approx).expect("status").0.index_type {
+        quiver_model::IndexType::Hnsw(c) => (c.m, c.level0_degree()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(m0_of(&engine), (16, 20));
     let exact = create(&engine, "exact", None);
     fill(&engine, &approx, &data);
     fill(&engine, &exact, &data);
@@ -179,11 +206,44 @@ fn hnsw_library_searches_filters_deletes_and_survives_restart() {
     let (status, _) = engine.index_status(&approx).expect("status");
     assert_eq!(status.serving, "hnsw", "graph attached from the snapshot");
     assert!(!status.building, "not rebuilt");
+    assert_eq!(m0_of(&engine), (16, 20));
     let after: Vec<Vec<String>> = queries
         .iter()
         .map(|q| search(&engine, &approx, q, 10, serde_json::Value::Null))
         .collect();
     assert_eq!(before, after);
+
+    // A sound graph file of the right size and dimension, but built with other parameters
+    // (m0 = 2m, not the library's 20), is not served: the library rebuilds its graph with its
+    // own. The file's vectors are unrelated ones, so serving it would wreck recall.
+    let engine_chunks = engine.index_status(&approx).expect("status").0.vectors;
+    engine.close().expect("close");
+    drop(engine);
+    let mut other = quiver_index::HnswIndex::new(
+        DIM,
+        quiver_index::Metric::L2,
+        quiver_index::HnswParams::default(),
+        quiver_index::Quantization::None,
+    );
+    for (id, v) in vectors(99, engine_chunks).iter().enumerate() {
+        other.insert(id as u64, v);
+    }
+    let mut bytes = Vec::new();
+    other.write_to(&mut bytes).expect("encode");
+    for e in std::fs::read_dir(dir.path().join("snapshots")).expect("ls") {
+        let p = e.expect("entry").path();
+        if p.extension().is_some_and(|x| x == "hnsw") {
+            std::fs::write(&p, &bytes).expect("replace");
+        }
+    }
+    let engine = Engine::open(EngineConfig::new(dir.path())).expect("reopen");
+    wait_ready(&engine, &approx);
+    assert_eq!(m0_of(&engine), (16, 20));
+    let r = recall(&engine, &approx, &exact, &queries);
+    assert!(
+        r >= 0.95,
+        "recall@10 with a graph file of other parameters {r}"
+    );
     engine.close().expect("close");
     drop(engine);
 

@@ -17,8 +17,8 @@
 //! `null`), which is how the start-up time of a large index is measured on its own.
 //!
 //! Usage: `hnsw_bench --base F --queries F --truth F --dimension N --metric cosine|l2
-//!         [--k 10] [--m 16] [--ef-construction 200] [--int8 OVERSAMPLING] [--no-rescore]
-//!         [--graph FILE]`
+//!         [--k 10] [--m 16] [--m0 2m] [--ef-construction 200] [--int8 OVERSAMPLING]
+//!         [--no-rescore] [--graph FILE]`
 
 mod common;
 
@@ -72,11 +72,15 @@ fn main() {
         other => panic!("unknown metric {other}"),
     };
     let k: usize = get("--k").map_or(10, |v| v.parse().expect("--k"));
-    let params = HnswParams {
-        m: get("--m").map_or(16, |v| v.parse().expect("--m")),
-        ef_construction: get("--ef-construction").map_or(200, |v| v.parse().expect("--efc")),
-        ef_search: 64,
-    };
+    let mut params = HnswParams::with_m(
+        get("--m").map_or(16, |v| v.parse().expect("--m")),
+        get("--ef-construction").map_or(200, |v| v.parse().expect("--efc")),
+        64,
+    );
+    if let Some(m0) = get("--m0") {
+        params.m0 = m0.parse().expect("--m0");
+    }
+    params.validate().expect("graph parameters");
     let quantization = match get("--int8") {
         Some(oversampling) => Quantization::Int8 {
             rescore: !switches.iter().any(|s| s == "--no-rescore"),

@@ -5,10 +5,11 @@
 //! This module owns the graph (rows, levels, neighbour lists), the vectors or their int8
 //! codes, the search planner (graph traversal vs. exact scan for selective filters), the
 //! delete/reuse policy and the on-disk encoding of all of it. It follows the HNSW paper
-//! (Malkov & Yashunin) and hnswlib's choices: level-0 lists hold `2m` neighbours, upper levels
-//! `m`; neighbours are chosen by the diversity heuristic (a candidate is kept only if it is
-//! closer to the new node than to every neighbour kept so far); levels are drawn as
-//! `⌊−ln(U)/ln(m)⌋`.
+//! (Malkov & Yashunin) and hnswlib's choices: level-0 lists hold `m0` neighbours (`2m` unless
+//! the caller asks for fewer, which saves `2m − m0` links per row and lowers the recall a
+//! given `ef` reaches), upper levels `m`; neighbours are chosen by the diversity heuristic (a
+//! candidate is kept only if it is closer to the new node than to every neighbour kept so far);
+//! levels are drawn as `⌊−ln(U)/ln(m)⌋`.
 //!
 //! Layout (chosen for the search loop, after hnswlib): one [`Arena`] block of words per row
 //! holding its level-0 links bit-packed at `⌈log₂ (rows + 1)⌉` bits each (a short list ends at
@@ -71,7 +72,8 @@ use crate::sq8::{self, Sq8, TRAIN_ROWS};
 use crate::topk::{TopK, TOPK_LIMIT};
 use crate::{Metric, DIMENSION_LIMIT, ROW_LIMIT};
 
-/// Largest `m` accepted. Level-0 lists hold `2m` rows, so this bounds a node to 1 KB of links.
+/// Largest `m` accepted. Level-0 lists hold at most `2m` rows, so this bounds a node to 1 KB of
+/// links.
 pub const M_LIMIT: usize = 128;
 /// Largest `ef_construction` / `ef_search` accepted: bounds per-query heaps and work.
 pub const EF_LIMIT: usize = 4_096;
@@ -91,33 +93,55 @@ const UPPER_POOL_WORDS_LIMIT: usize = u32::MAX as usize;
 /// The arena doubles below this size and grows by an eighth from it on (see `push_row`).
 const ARENA_GEOMETRIC_BYTES_MAX: usize = 64 << 20;
 const MAGIC: &[u8; 8] = b"QVHNSW\0\0";
-const FORMAT_VERSION: u32 = 2;
+/// The newest format read and written. An index with `m0 = 2m` is still written in format 2,
+/// so that builds from before `m0` read it.
+const FORMAT_VERSION: u32 = 3;
 
-/// Graph parameters. `m`: neighbours per node on upper levels (`2m` on level 0);
-/// `ef_construction`: candidate-list size while inserting; `ef_search`: default candidate-list
-/// size while searching (per-query override in [`HnswIndex::search`]).
+/// Graph parameters. `m`: neighbours per node on upper levels; `m0`: neighbours per node on
+/// level 0 (`2m` by default, as in the HNSW paper; a smaller `m0` trades recall at a given
+/// `ef` for `(2m − m0) · link width` bits less per row, which is what lets an int8 index of
+/// low dimension weigh under 30 % of the float one); `ef_construction`: candidate-list size
+/// while inserting; `ef_search`: default candidate-list size while searching (per-query
+/// override in [`HnswIndex::search`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HnswParams {
     pub m: usize,
+    pub m0: usize,
     pub ef_construction: usize,
     pub ef_search: usize,
 }
 
 impl Default for HnswParams {
     fn default() -> Self {
-        HnswParams {
-            m: 16,
-            ef_construction: 200,
-            ef_search: 64,
-        }
+        HnswParams::with_m(16, 200, 64)
     }
 }
 
 impl HnswParams {
-    /// Checks `2 ≤ m ≤ M_LIMIT`, `1 ≤ ef_construction, ef_search ≤ EF_LIMIT`.
+    /// The paper's shape: `m0 = 2m`.
+    pub fn with_m(m: usize, ef_construction: usize, ef_search: usize) -> HnswParams {
+        HnswParams {
+            m,
+            m0: 2 * m,
+            ef_construction,
+            ef_search,
+        }
+    }
+
+    /// Checks `2 ≤ m ≤ M_LIMIT`, `m ≤ m0 ≤ 2m`, `1 ≤ ef_construction, ef_search ≤ EF_LIMIT`.
     pub fn validate(&self) -> Result<(), String> {
         if !(2..=M_LIMIT).contains(&self.m) {
             return Err(format!("m must be in 2..={M_LIMIT}, got {}", self.m));
+        }
+        // Below m, level 0 would be sparser than the levels above it; above 2m, lists outgrow
+        // the bound M_LIMIT sets on a node's links.
+        if !(self.m..=2 * self.m).contains(&self.m0) {
+            return Err(format!(
+                "m0 must be in m..=2m ({}..={}), got {}",
+                self.m,
+                2 * self.m,
+                self.m0
+            ));
         }
         if !(1..=EF_LIMIT).contains(&self.ef_construction) {
             return Err(format!(
@@ -804,7 +828,7 @@ impl HnswIndex {
             quantizer: None,
             arena: Arena::new(
                 MIN_LINK_BITS,
-                2 * params.m,
+                params.m0,
                 payload_words_for(dimension, false),
             ),
             ids: RowIds::default(),
@@ -934,7 +958,7 @@ impl HnswIndex {
     #[inline]
     fn max_neighbours(&self, level: usize) -> usize {
         if level == 0 {
-            2 * self.params.m
+            self.params.m0
         } else {
             self.params.m
         }
@@ -1694,7 +1718,7 @@ impl HnswIndex {
         );
         let arena = &self.arena;
         assert_eq!(arena.words.len(), slots * arena.block_words);
-        assert_eq!(arena.link_capacity, 2 * self.params.m);
+        assert_eq!(arena.link_capacity, self.params.m0);
         assert!(
             slots <= arena.row_capacity(),
             "links too narrow for the rows"
@@ -1779,7 +1803,12 @@ impl HnswIndex {
     /// payload` (little-endian). The payload is encoded twice (once to size and checksum it,
     /// once to write it) so no copy of the index is held in memory.
     pub fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
-        self.write_version(w, FORMAT_VERSION)
+        let version = if self.params.m0 == 2 * self.params.m {
+            2
+        } else {
+            FORMAT_VERSION
+        };
+        self.write_version(w, version)
     }
 
     /// [`HnswIndex::write_to`] in format `version` (1 only for tests of reading old files).
@@ -1799,7 +1828,8 @@ impl HnswIndex {
         Ok(())
     }
 
-    /// Format 2: header fields, ids, live flags, levels, the vectors (`f32` rows) or the
+    /// Format 3 (format 2 when `m0 = 2m`, which it omits): header fields (format 3 adds `m0`
+    /// after `ef_search`), ids, live flags, levels, the vectors (`f32` rows) or the
     /// quantizer, codes and (L2) norms, then each row's level-0 list as `count u32` and
     /// `count` rows (exact size; format 1 padded every list to `2m`), the upper blocks in row
     /// order and the free rows.
@@ -1813,6 +1843,9 @@ impl HnswIndex {
         e.u32(self.params.m as u32)?;
         e.u32(self.params.ef_construction as u32)?;
         e.u32(self.params.ef_search as u32)?;
+        if version >= 3 {
+            e.u32(self.params.m0 as u32)?;
+        }
         match self.quantization {
             Quantization::None => e.u8(0)?,
             Quantization::Int8 {
@@ -1935,11 +1968,12 @@ impl HnswIndex {
             2 => Metric::L2,
             other => return Err(format!("metric tag {other}")),
         };
-        let params = HnswParams {
-            m: d.u32()? as usize,
-            ef_construction: d.u32()? as usize,
-            ef_search: d.u32()? as usize,
-        };
+        let mut params =
+            HnswParams::with_m(d.u32()? as usize, d.u32()? as usize, d.u32()? as usize);
+        // Formats 1 and 2 knew only m0 = 2m.
+        if version >= 3 {
+            params.m0 = d.u32()? as usize;
+        }
         params.validate()?;
         let quantization = match d.u8()? {
             0 => Quantization::None,
@@ -1994,7 +2028,7 @@ impl HnswIndex {
                 }
                 let vectors = d.sized(components, 4)?;
                 let mut arena =
-                    Arena::new(link_bits, 2 * params.m, payload_words_for(dimension, false));
+                    Arena::new(link_bits, params.m0, payload_words_for(dimension, false));
                 arena.reserve_words(slots * arena.block_words);
                 for (row, vector) in vectors.chunks_exact(dimension * 4).enumerate() {
                     arena.push_row();
@@ -2033,7 +2067,7 @@ impl HnswIndex {
                     return Err("non-finite norm".into());
                 }
                 let mut arena =
-                    Arena::new(link_bits, 2 * params.m, payload_words_for(dimension, true));
+                    Arena::new(link_bits, params.m0, payload_words_for(dimension, true));
                 arena.reserve_words(slots * arena.block_words);
                 let code_words = dimension.div_ceil(4);
                 for (row, code) in codes.chunks_exact(dimension).enumerate() {
@@ -2045,7 +2079,7 @@ impl HnswIndex {
             }
             other => return Err(format!("storage tag {other}")),
         }
-        let capacity0 = 2 * params.m;
+        let capacity0 = params.m0;
         let mut list = Vec::with_capacity(capacity0);
         for row in 0..slots as u32 {
             let count = d.u32()? as usize;
@@ -2304,16 +2338,16 @@ mod tests {
     use super::*;
 
     fn tiny(metric: Metric, quantization: Quantization, rows: usize) -> HnswIndex {
-        let mut index = HnswIndex::new(
-            4,
-            metric,
-            HnswParams {
-                m: 4,
-                ef_construction: 32,
-                ef_search: 16,
-            },
-            quantization,
-        );
+        tiny_with(metric, quantization, rows, HnswParams::with_m(4, 32, 16))
+    }
+
+    fn tiny_with(
+        metric: Metric,
+        quantization: Quantization,
+        rows: usize,
+        params: HnswParams,
+    ) -> HnswIndex {
+        let mut index = HnswIndex::new(4, metric, params, quantization);
         for i in 0..rows {
             let x = i as f32;
             let mut v = vec![(x * 0.37).sin(), (x * 0.11).cos(), (x * 0.07).sin(), 0.5];
@@ -2390,7 +2424,7 @@ mod tests {
         for row in 0..256 {
             index.level0_neighbours(row, &mut list);
             assert!(!list.is_empty() && list.iter().all(|&n| n < 256 && n != row));
-            if list.len() == 2 * index.params().m {
+            if list.len() == index.params().m0 {
                 full += 1;
             } else {
                 short += 1;
@@ -2491,6 +2525,71 @@ mod tests {
                 again, v2,
                 "v1 → v2 gives the same bytes as writing v2 directly"
             );
+        }
+    }
+
+    /// `m0 < 2m` caps every level-0 list at `m0`, costs `(2m − m0)` links less per row, and
+    /// is written in format 3 (which carries `m0`); `m0 = 2m` stays format 2.
+    #[test]
+    fn a_smaller_level0_degree_caps_lists_and_round_trips_in_format_3() {
+        let q = Quantization::Int8 {
+            rescore: false,
+            oversampling: 2.0,
+        };
+        let version_of = |bytes: &[u8]| u32::from_le_bytes(bytes[8..12].try_into().expect("4"));
+        for quantization in [Quantization::None, q] {
+            let full = tiny(Metric::L2, quantization, 1_500);
+            let lean_params = HnswParams {
+                m0: 5,
+                ..HnswParams::with_m(4, 32, 16)
+            };
+            let lean = tiny_with(Metric::L2, quantization, 1_500, lean_params);
+            lean.assert_invariants();
+            assert_eq!(lean.params(), lean_params);
+            let (mut list, mut full_lists) = (Vec::new(), 0);
+            for row in 0..1_500 {
+                lean.level0_neighbours(row, &mut list);
+                assert!(!list.is_empty() && list.len() <= 5, "row {row}: {list:?}");
+                full_lists += usize::from(list.len() == 5);
+            }
+            assert!(full_lists > 0, "some list reaches m0");
+            // Same link width (11 bits at 1,500 rows), 3 links fewer per row.
+            assert_eq!(lean.link_bits(), full.link_bits());
+            let saved = full.memory_bytes() - lean.memory_bytes();
+            assert!(
+                saved >= 1_500 * 3 * 11 / 8,
+                "{saved} bytes saved, {} and {}",
+                full.memory_bytes(),
+                lean.memory_bytes()
+            );
+
+            let (mut v_full, mut v_lean) = (Vec::new(), Vec::new());
+            full.write_to(&mut v_full).expect("write full");
+            lean.write_to(&mut v_lean).expect("write lean");
+            assert_eq!(version_of(&v_full), 2);
+            assert_eq!(version_of(&v_lean), 3);
+            let back = HnswIndex::read_from(&mut &v_lean[..]).expect("read format 3");
+            assert_eq!(back.params(), lean_params);
+            for i in [0usize, 77, 1_234] {
+                let x = i as f32;
+                let probe = [(x * 0.37).sin(), (x * 0.11).cos(), (x * 0.07).sin(), 0.5];
+                let want = lean.search(&probe, 10, None, None, None, None);
+                assert_eq!(want[0].0, i as u64, "a stored vector finds itself");
+                assert_eq!(back.search(&probe, 10, None, None, None, None), want);
+            }
+            let mut again = Vec::new();
+            back.write_to(&mut again).expect("rewrite");
+            assert_eq!(again, v_lean);
+
+            // A format 3 file whose m0 is out of range is refused, not trusted.
+            let mut bad = v_lean.clone();
+            // payload: dimension u32, metric u8, m, ef_construction, ef_search, then m0.
+            let at = 24 + 4 + 1 + 12;
+            bad[at..at + 4].copy_from_slice(&9u32.to_le_bytes());
+            let crc = crc32c::crc32c(&bad[24..]);
+            bad[20..24].copy_from_slice(&crc.to_le_bytes());
+            let err = HnswIndex::read_from(&mut &bad[..]).expect_err("m0 9 > 2m");
+            assert!(err.to_string().contains("m0"), "{err}");
         }
     }
 

@@ -95,12 +95,11 @@ impl Dataset {
     }
 
     fn hnsw(&self, quantization: Quantization) -> HnswIndex {
-        let mut index = HnswIndex::new(
-            self.dimension,
-            self.metric,
-            HnswParams::default(),
-            quantization,
-        );
+        self.hnsw_with(HnswParams::default(), quantization)
+    }
+
+    fn hnsw_with(&self, params: HnswParams, quantization: Quantization) -> HnswIndex {
+        let mut index = HnswIndex::new(self.dimension, self.metric, params, quantization);
         index.reserve(self.base.len());
         for (id, v) in self.base.iter().enumerate() {
             index.insert(id as u64, v);
@@ -282,25 +281,54 @@ fn int8_recall_after_rescoring_and_memory() {
     let data = Dataset::new(5, rows, 100, 96, Metric::Cosine);
     let flat = data.flat();
     let float = data.hnsw(Quantization::None);
-    let int8 = data.hnsw(Quantization::Int8 {
-        rescore: true,
-        oversampling: 3.0,
-    });
-    assert!(int8.is_quantized());
-    int8.assert_invariants();
+    let int8_of = |m0: usize| {
+        let params = HnswParams {
+            m0,
+            ..HnswParams::default()
+        };
+        let index = data.hnsw_with(
+            params,
+            Quantization::Int8 {
+                rescore: true,
+                oversampling: 3.0,
+            },
+        );
+        assert!(index.is_quantized());
+        index.assert_invariants();
+        index
+    };
+    let int8 = int8_of(2 * HnswParams::default().m);
+    // The lean shape: a bottom layer of m links instead of 2m.
+    let lean = int8_of(HnswParams::default().m);
     let float_recall = recall(&data, &flat, &float, None, None, None);
     let rescored = recall(&data, &flat, &int8, None, None, Some(&data));
+    let lean_rescored = recall(&data, &flat, &lean, None, None, Some(&data));
     let unrescored = recall(&data, &flat, &int8, None, None, None);
     let (float_bytes, int8_bytes) = (float.memory_bytes(), int8.memory_bytes());
+    let lean_bytes = lean.memory_bytes();
     let vector_bytes = rows * data.dimension * 4;
     eprintln!(
-        "int8 {rows} x {}: recall@10 float {float_recall:.4}, int8 rescored {rescored:.4}, \
-         int8 without originals {unrescored:.4}; memory float {float_bytes} B, int8 {int8_bytes} B \
-         ({:.1}%), f32 vectors alone {vector_bytes} B",
+        "int8 {rows} x {}: recall@10 float {float_recall:.4}, int8 rescored {rescored:.4} \
+         (m0 = m: {lean_rescored:.4}), int8 without originals {unrescored:.4}; memory float \
+         {float_bytes} B, int8 {int8_bytes} B ({:.1}%), m0 = m {lean_bytes} B ({:.1}%), f32 \
+         vectors alone {vector_bytes} B",
         data.dimension,
-        100.0 * int8_bytes as f64 / float_bytes as f64
+        100.0 * int8_bytes as f64 / float_bytes as f64,
+        100.0 * lean_bytes as f64 / float_bytes as f64
     );
     assert!(rescored >= 0.95, "int8 rescored recall {rescored}");
+    assert!(
+        lean_rescored >= 0.95,
+        "int8 m0 = m rescored recall {lean_rescored}"
+    );
+    // m links of `link_bits` fewer per row (less one 8-byte word: a row's links are padded to
+    // whole words), and nothing else changes size.
+    let links_saved = rows * (HnswParams::default().m * lean.link_bits() as usize / 8 - 8);
+    assert!(
+        int8_bytes - lean_bytes >= links_saved,
+        "m0 = m saves {} B, want ≥ {links_saved}",
+        int8_bytes - lean_bytes
+    );
     // No f32 copy: at least 70 % of the float vectors' bytes are saved (codes are 25 %).
     assert!(
         float_bytes - int8_bytes >= vector_bytes * 7 / 10,

@@ -465,11 +465,19 @@ fn put_library(w: &mut Writer, l: &Library) {
 }
 
 /// Index type code, then (for HNSW only) its parameters: code 0 (`flat`) is one byte, as in
-/// logs written before HNSW existed, so those logs still read.
+/// logs written before HNSW existed, so those logs still read. HNSW with a bottom-layer degree
+/// of its own (`m0`) is code [`HNSW_WITH_M0_CODE`] with `m0` after `m`, so that HNSW records
+/// without one stay byte for byte what earlier builds wrote and read.
 fn put_index_type(w: &mut Writer, t: IndexType) {
-    w.u8(t.code());
+    match t {
+        IndexType::Hnsw(HnswConfig { m0: Some(_), .. }) => w.u8(HNSW_WITH_M0_CODE),
+        _ => w.u8(t.code()),
+    }
     if let IndexType::Hnsw(c) = t {
         w.u32(c.m);
+        if let Some(m0) = c.m0 {
+            w.u32(m0);
+        }
         w.u32(c.ef_construction);
         w.u32(c.ef_search);
         match c.quantization {
@@ -486,11 +494,19 @@ fn put_index_type(w: &mut Writer, t: IndexType) {
     }
 }
 
+/// The record code of an HNSW index type that carries `m0` (see [`put_index_type`]).
+const HNSW_WITH_M0_CODE: u8 = 2;
+
 fn get_index_type(r: &mut Reader) -> Result<IndexType, DecodeError> {
     match r.u8()? {
         0 => Ok(IndexType::Flat),
-        1 => {
+        code @ (1 | HNSW_WITH_M0_CODE) => {
             let m = r.u32()?;
+            let m0 = if code == HNSW_WITH_M0_CODE {
+                Some(r.u32()?)
+            } else {
+                None
+            };
             let ef_construction = r.u32()?;
             let ef_search = r.u32()?;
             let quantization = match r.u8()? {
@@ -503,6 +519,7 @@ fn get_index_type(r: &mut Reader) -> Result<IndexType, DecodeError> {
             };
             let c = HnswConfig {
                 m,
+                m0,
                 ef_construction,
                 ef_search,
                 quantization,
@@ -638,6 +655,7 @@ mod tests {
                 Change::LibraryUpdated(Library {
                     index_type: IndexType::Hnsw(HnswConfig {
                         m: 24,
+                        m0: Some(30),
                         ef_construction: 150,
                         ef_search: 40,
                         quantization: Quantization::Int8 {
@@ -754,6 +772,54 @@ mod tests {
                     rec.encode()
                 );
             }
+        }
+    }
+
+    /// An HNSW type without `m0` is written exactly as before `m0` existed (code 1, then
+    /// m, ef_construction, ef_search, quantization), so old builds read it; one with `m0` is
+    /// code 2, reads back whole, and an `m0` out of `m..=2m` is refused when read.
+    #[test]
+    fn index_type_codes_keep_old_records_readable() {
+        let encode = |t: IndexType| {
+            let mut w = Writer::with_capacity(32);
+            put_index_type(&mut w, t);
+            w.buf
+        };
+        let plain = HnswConfig {
+            m: 12,
+            ef_construction: 100,
+            ef_search: 50,
+            ..HnswConfig::default()
+        };
+        let mut before_m0 = vec![1];
+        for v in [12u32, 100, 50] {
+            before_m0.extend_from_slice(&v.to_le_bytes());
+        }
+        before_m0.push(0);
+        assert_eq!(encode(IndexType::Hnsw(plain)), before_m0);
+        assert_eq!(
+            get_index_type(&mut Reader::new(&before_m0)).unwrap(),
+            IndexType::Hnsw(plain)
+        );
+
+        let lean = HnswConfig {
+            m0: Some(12),
+            ..plain
+        };
+        let bytes = encode(IndexType::Hnsw(lean));
+        assert_eq!(bytes[0], HNSW_WITH_M0_CODE);
+        assert_eq!(bytes.len(), before_m0.len() + 4);
+        assert_eq!(
+            get_index_type(&mut Reader::new(&bytes)).unwrap(),
+            IndexType::Hnsw(lean)
+        );
+        for bad in [11u32, 25] {
+            let bytes = encode(IndexType::Hnsw(HnswConfig {
+                m0: Some(bad),
+                ..plain
+            }));
+            let err = get_index_type(&mut Reader::new(&bytes)).unwrap_err();
+            assert!(err.reason.contains("m0"), "{}", err.reason);
         }
     }
 

@@ -64,12 +64,14 @@ pub const HNSW_M_LIMIT: u32 = 128;
 pub const HNSW_EF_LIMIT: u32 = 4096;
 pub const OVERSAMPLING_LIMIT: f32 = 16.0;
 
-/// HNSW parameters as stored with the library: `m` neighbours per node (2·m on the bottom
-/// layer), the candidate list size while building, and the default candidate list size per
-/// query (a search may override it).
+/// HNSW parameters as stored with the library: `m` neighbours per node on the upper layers,
+/// `m0` on the bottom layer (`None`: 2·m, the paper's choice; fewer saves memory per vector
+/// at some search speed), the candidate list size while building, and the default candidate
+/// list size per query (a search may override it).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HnswConfig {
     pub m: u32,
+    pub m0: Option<u32>,
     pub ef_construction: u32,
     pub ef_search: u32,
     pub quantization: Quantization,
@@ -79,6 +81,7 @@ impl Default for HnswConfig {
     fn default() -> Self {
         HnswConfig {
             m: 16,
+            m0: None,
             ef_construction: 200,
             ef_search: 64,
             quantization: Quantization::None,
@@ -87,6 +90,11 @@ impl Default for HnswConfig {
 }
 
 impl HnswConfig {
+    /// Neighbours per node on the bottom layer.
+    pub fn level0_degree(&self) -> u32 {
+        self.m0.unwrap_or(2 * self.m)
+    }
+
     /// Checks every field against its limit; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
         if !(2..=HNSW_M_LIMIT).contains(&self.m) {
@@ -94,6 +102,17 @@ impl HnswConfig {
                 "index_params.m must be 2..={HNSW_M_LIMIT}, got {}",
                 self.m
             ));
+        }
+        if let Some(m0) = self.m0 {
+            // Sparser than the upper layers would defeat the bottom layer's purpose; denser
+            // than 2·m outgrows the per-node link bound HNSW_M_LIMIT sets.
+            if !(self.m..=2 * self.m).contains(&m0) {
+                return Err(format!(
+                    "index_params.m0 must be m..=2·m ({}..={}), got {m0}",
+                    self.m,
+                    2 * self.m
+                ));
+            }
         }
         for (name, v) in [
             ("ef_construction", self.ef_construction),

@@ -13,7 +13,8 @@ fn index_params(t: IndexType) -> (Value, Value) {
     match t {
         IndexType::Flat => (Value::Null, Value::Null),
         IndexType::Hnsw(c) => (
-            json!({"m": c.m, "ef_construction": c.ef_construction, "ef_search": c.ef_search}),
+            json!({"m": c.m, "m0": c.level0_degree(), "ef_construction": c.ef_construction,
+                   "ef_search": c.ef_search}),
             match c.quantization {
                 Quantization::None => Value::Null,
                 Quantization::Int8 {

@@ -73,6 +73,14 @@ async fn hnsw_library_index_route_and_switch() {
             "invalid_index_params",
         ),
         (
+            json!({"name": "a", "dimension": DIM, "index_type": "hnsw", "index_params": {"m": 8, "m0": 7}}),
+            "invalid_index_params",
+        ),
+        (
+            json!({"name": "a", "dimension": DIM, "index_type": "hnsw", "index_params": {"m0": 33}}),
+            "invalid_index_params",
+        ),
+        (
             json!({"name": "a", "dimension": DIM, "index_params": {"m": 8}}),
             "invalid_index_params",
         ),
@@ -120,7 +128,7 @@ async fn hnsw_library_index_route_and_switch() {
     assert_eq!(lib["index_type"], "hnsw");
     assert_eq!(
         lib["index_params"],
-        json!({"m": 12, "ef_construction": 100, "ef_search": 40})
+        json!({"m": 12, "m0": 24, "ef_construction": 100, "ef_search": 40})
     );
     assert_eq!(lib["quantization"]["type"], "int8");
     let id = lib["id"].as_str().expect("id").to_string();
@@ -210,7 +218,7 @@ async fn hnsw_library_index_route_and_switch() {
     // Back to hnsw: built beside, searches answer while it builds, then it serves.
     let r = client
         .put(format!("{base}/v1/libraries/{id}/index"))
-        .json(&json!({"index_type": "hnsw", "index_params": {"m": 8}}))
+        .json(&json!({"index_type": "hnsw", "index_params": {"m": 8, "m0": 10}}))
         .send()
         .await
         .expect("put");
@@ -241,6 +249,7 @@ async fn hnsw_library_index_route_and_switch() {
         if idx["build"]["state"] == "ready" {
             assert_eq!(idx["serving"], "hnsw");
             assert_eq!(idx["index_params"]["m"], 8);
+            assert_eq!(idx["index_params"]["m0"], 10);
             break;
         }
         assert!(

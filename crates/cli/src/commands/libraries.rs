@@ -34,6 +34,10 @@ pub enum LibrariesCommand {
         /// HNSW: neighbours per node.
         #[arg(long)]
         m: Option<u32>,
+        /// HNSW: neighbours per node on the bottom layer (m..=2m; default 2m). Fewer use less
+        /// memory per vector and reach a lower recall at a given ef_search.
+        #[arg(long)]
+        m0: Option<u32>,
         /// HNSW: candidate list size while building.
         #[arg(long)]
         ef_construction: Option<u32>,
@@ -89,6 +93,7 @@ pub async fn run(client: &Client, cmd: LibrariesCommand) -> Result<ExitCode> {
             metric,
             index,
             m,
+            m0,
             ef_construction,
             ef_search,
             int8,
@@ -110,6 +115,7 @@ pub async fn run(client: &Client, cmd: LibrariesCommand) -> Result<ExitCode> {
             let mut params = serde_json::Map::new();
             for (key, v) in [
                 ("m", m),
+                ("m0", m0),
                 ("ef_construction", ef_construction),
                 ("ef_search", ef_search),
             ] {
