@@ -137,7 +137,7 @@ fn main() {
         index.level0_neighbours(row as u32, list);
     }
     let links: u64 = lists.iter().map(|l| l.len() as u64).sum();
-    let capacity = 2 * index.params().m;
+    let capacity = index.params().m0;
     let mut degrees: Vec<usize> = lists.iter().map(Vec::len).collect();
     degrees.sort_unstable();
     let full = degrees.iter().filter(|&&d| d == capacity).count();
