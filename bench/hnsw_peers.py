@@ -167,8 +167,9 @@ class Quiver:
                 # A baseline build reads the graph the current build just wrote (the format
                 # is the same), so the two differ only in code, not in the graph searched.
                 if not os.path.exists(path):
-                    raise SystemExit(f"{path} missing: list quiver{'-int8' if int8 else ''} "
-                                     "before its baseline in --engines")
+                    suffix = f"/m0={m0}" if m0 is not None else ""
+                    raise SystemExit(f"{path} missing: list quiver{'-int8' if int8 else ''}"
+                                     f"{suffix} before its baseline in --engines")
             elif os.path.exists(path) and not args.reuse_graph:
                 os.remove(path)
             command += ["--graph", path]
