@@ -63,6 +63,29 @@ async fn wait_for(
     }
 }
 
+/// Waits until everything the server has applied so far is durable (`/health`'s `durable_seq`
+/// reaches its `seq`). Why: a read may show a change up to one group commit before the log's
+/// writer has handed it to the OS (see the engine's module doc), so a checkpoint seen in
+/// `GET /v1/jobs/{id}` can still be lost to a SIGKILL; these tests claim that a *durable*
+/// checkpoint survives one, which is what a client watching the event stream (durable records
+/// only) can rely on.
+async fn wait_applied_durable(c: &reqwest::Client, base: &str) {
+    let h = get(c, format!("{base}/health")).await;
+    let seq = h["seq"].as_u64().expect("health seq");
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let h = get(c, format!("{base}/health")).await;
+        if h["durable_seq"].as_u64().unwrap_or(0) >= seq {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seq {seq} never became durable: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_import_then_restart_completes_it() {
     const LINES: usize = 3000;
@@ -120,6 +143,7 @@ async fn sigkill_mid_import_then_restart_completes_it() {
     })
     .await;
     assert_eq!(j["status"], "running");
+    wait_applied_durable(&c, &base).await;
     let mut server = server;
     // SAFETY: plain FFI call with a valid pid.
     unsafe {
@@ -230,6 +254,7 @@ async fn sigkill_mid_reembedding_then_restart_completes_it() {
     })
     .await;
     assert_eq!(j["status"], "running");
+    wait_applied_durable(&c, &base).await;
     let mut server = server;
     // SAFETY: plain FFI call with a valid pid.
     unsafe {
