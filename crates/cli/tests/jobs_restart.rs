@@ -18,6 +18,19 @@ struct Server {
     base: String,
 }
 
+impl Server {
+    /// SIGKILL, the way a crash ends a process: no shutdown path runs. Reaped before return,
+    /// so the restart finds the data directory free.
+    fn kill9(mut self) {
+        // SAFETY: plain FFI call with the pid of a child not yet reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGKILL);
+        }
+        let status = self.child.wait().expect("reap the server");
+        assert!(!status.success(), "a SIGKILLed server cannot exit 0");
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -144,13 +157,7 @@ async fn sigkill_mid_import_then_restart_completes_it() {
     .await;
     assert_eq!(j["status"], "running");
     wait_applied_durable(&c, &base).await;
-    let mut server = server;
-    // SAFETY: plain FFI call with a valid pid.
-    unsafe {
-        libc::kill(server.child.id() as i32, libc::SIGKILL);
-    }
-    let _ = server.child.wait();
-    drop(server);
+    server.kill9();
 
     let server = launch(dir.path());
     let base = server.base.clone();
@@ -255,13 +262,7 @@ async fn sigkill_mid_reembedding_then_restart_completes_it() {
     .await;
     assert_eq!(j["status"], "running");
     wait_applied_durable(&c, &base).await;
-    let mut server = server;
-    // SAFETY: plain FFI call with a valid pid.
-    unsafe {
-        libc::kill(server.child.id() as i32, libc::SIGKILL);
-    }
-    let _ = server.child.wait();
-    drop(server);
+    server.kill9();
 
     let server = launch_with(dir.path(), &args);
     let base = server.base.clone();
