@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 /// A running `quiver serve`; killed on drop so a failing test leaks no process.
 struct Server {
-    child: Child,
+    /// Held for its `Drop`: the server dies with the test.
+    _process: common::ServeProcess,
     url: String,
 }
 
@@ -34,7 +35,10 @@ impl Server {
 
     fn start_at(data_dir: &Path, addr: &str) -> Server {
         let (child, url) = common::spawn_serve(data_dir, addr, &["--fsync", "never"], false);
-        Server { child, url }
+        Server {
+            _process: child,
+            url,
+        }
     }
 
     fn port(&self) -> u16 {
@@ -69,13 +73,6 @@ impl Server {
         let text = self.ok(&all, code);
         serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("quiver {args:?}: not JSON ({e}):\n{text}"))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

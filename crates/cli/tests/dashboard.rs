@@ -39,7 +39,7 @@ fn browser_binary() -> Option<PathBuf> {
 
 /// The server process; SIGKILLed when dropped, so no server outlives its test.
 struct Server {
-    child: Child,
+    child: common::ServeProcess,
     url: String,
 }
 
@@ -50,14 +50,7 @@ impl Server {
     }
 
     fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill9();
+        self.child.kill9();
     }
 }
 

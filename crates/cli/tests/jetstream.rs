@@ -112,7 +112,7 @@ impl Drop for Nats {
 
 /// A `quiver serve` replica; SIGKILLed on drop.
 struct Replica {
-    child: Child,
+    child: common::ServeProcess,
     base: String,
 }
 
@@ -136,15 +136,7 @@ impl Replica {
     }
 
     fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL the replica");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill9();
     }
 }
 

@@ -10,11 +10,10 @@ mod common;
 
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 struct Server {
-    child: Child,
+    child: common::ServeProcess,
     base: String,
 }
 
@@ -22,19 +21,7 @@ impl Server {
     /// SIGKILL, the way a crash ends a process: no shutdown path runs. Reaped before return,
     /// so the restart finds the data directory free.
     fn kill9(mut self) {
-        // SAFETY: plain FFI call with the pid of a child not yet reaped.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGKILL);
-        }
-        let status = self.child.wait().expect("reap the server");
-        assert!(!status.success(), "a SIGKILLed server cannot exit 0");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill9();
     }
 }
 

@@ -11,7 +11,7 @@ mod common;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 const MINILM: &str = "local:all-minilm-l6-v2";
 
@@ -38,7 +38,8 @@ fn installed() -> Option<PathBuf> {
 }
 
 struct Server {
-    child: Child,
+    /// Held for its `Drop`: the server dies with the test.
+    _process: common::ServeProcess,
     url: String,
 }
 
@@ -52,7 +53,10 @@ impl Server {
             models.as_os_str(),
         ];
         let (child, url) = common::spawn_serve(data_dir, "127.0.0.1:0", &args, false);
-        Server { child, url }
+        Server {
+            _process: child,
+            url,
+        }
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -78,13 +82,6 @@ impl Server {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

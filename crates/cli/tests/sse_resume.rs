@@ -15,7 +15,6 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +24,7 @@ const EVENT_TYPE: &str = "resume.test";
 
 /// A running `quiver serve`; SIGKILLed on drop so a failing test leaks no process.
 struct Server {
-    child: Child,
+    child: common::ServeProcess,
     base: String,
 }
 
@@ -41,16 +40,7 @@ impl Server {
     }
 
     fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL the server");
-        let status = self.child.wait().expect("reap the server");
-        assert!(!status.success(), "a SIGKILLed server cannot exit 0");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill9();
     }
 }
 

@@ -26,7 +26,6 @@
 mod common;
 
 use serde_json::Value;
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,7 +55,7 @@ const LONG_STALL_CAP: Duration = Duration::from_secs(15);
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
 struct Server {
-    child: Child,
+    child: common::ServeProcess,
     base: String,
     addr: String,
 }
@@ -93,13 +92,6 @@ impl Server {
             .and_then(|v| v.parse().ok())
             .expect("VmRSS");
         kb * 1024
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
