@@ -18,8 +18,8 @@ struct Server {
 }
 
 impl Server {
-    /// SIGKILL, the way a crash ends a process: no shutdown path runs. Reaped before return,
-    /// so the restart finds the data directory free.
+    /// Crashes the server ([`common::ServeProcess::kill9`]); takes it, so nothing can call
+    /// the dead one afterwards.
     fn kill9(mut self) {
         self.child.kill9();
     }
